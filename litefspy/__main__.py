@@ -1,0 +1,3 @@
+from litefspy.cli import main
+
+raise SystemExit(main())
