@@ -1,0 +1,74 @@
+"""Mounting: option set, stale-mount cleanup, and the pyfuse3 main loop inside trio."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from litefspy.errors import LitefspyError
+from litefspy.logs import kv
+
+log = logging.getLogger(__name__)
+
+
+def cleanup_stale_mount(mountpoint: Path) -> None:
+    """Lazily unmount a dead FUSE mount left by a killed process; refuse a live one."""
+    try:
+        os.stat(mountpoint)
+    except FileNotFoundError:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        log.warning("cleaning up stale mount %s", kv(dir=mountpoint))
+        tool = shutil.which("fusermount3") or "fusermount3"
+        subprocess.run([tool, "-u", "-z", str(mountpoint)], check=False, capture_output=True)
+        os.stat(mountpoint)
+        return
+    if os.path.ismount(mountpoint):
+        raise LitefspyError(
+            f"{mountpoint} is already a mount point; unmount it (fusermount3 -u) or pick "
+            "another fuse.dir"
+        )
+    if not mountpoint.is_dir():
+        raise LitefspyError(f"fuse.dir {mountpoint} is not a directory")
+
+
+def mount_options(*, allow_other: bool, debug: bool) -> set[str]:
+    """The FUSE options: default_permissions; no writeback cache (every write must be seen)."""
+    options = set(pyfuse3.default_options)
+    options.add("fsname=litefspy")
+    options.add("subtype=litefspy")
+    if allow_other:
+        options.add("allow_other")
+    if debug:
+        options.add("debug")
+    return options
+
+
+async def serve(
+    ops: pyfuse3.Operations,
+    mountpoint: Path,
+    *,
+    allow_other: bool = False,
+    debug: bool = False,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mount `ops` at `mountpoint` and serve until cancelled; always unmounts."""
+    cleanup_stale_mount(mountpoint)
+    pyfuse3.init(ops, str(mountpoint), mount_options(allow_other=allow_other, debug=debug))
+    try:
+        task_status.started()
+        await pyfuse3.main()
+    finally:
+        # unmount=True detaches lazily, so open files in apps do not block shutdown.
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", kv(dir=mountpoint))

@@ -1,0 +1,512 @@
+"""The FUSE Operations: thin handlers that delegate to the store.
+
+Handlers never raise anything but FUSEError (any other exception would end
+pyfuse3's main loop and the mount): `_errno` is the one boundary that maps
+domain errors to errno, logging unexpected ones.
+
+Answers for names SQLite does not use (documented in the README):
+* every top-level regular file is a database; NAME-journal/-wal/-shm are its
+  sidecars; NAME-pos, .primary and .lag are read-only virtual files;
+* directories, links, device nodes and renames are refused with EPERM;
+* writes to a database file outside a transaction (no journal, not WAL mode:
+  `journal_mode=MEMORY/OFF`, `cp`, `echo >`) are refused with EPERM and logged,
+  because litefspy could not replicate them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyfuse3
+
+from litefspy.errors import LitefspyError, NotFoundError, ReadOnlyError
+from litefspy.fuse.inodes import InodeTable, Node, NodeKind, Special, mount_name, parse_name
+from litefspy.logs import kv
+from litefspy.store.database import Database, FileKind, errno_for
+from litefspy.store.store import Store, valid_database_name
+
+log = logging.getLogger(__name__)
+
+# The kernel may cache attributes, entries and absent names for this long: every
+# change litefspy makes behind the kernel's back (replica apply, recovery, role
+# change) invalidates explicitly (DESIGN.md decision 3).
+CACHE_TIMEOUT = 3600.0
+ROOT = pyfuse3.ROOT_INODE
+FileHandle = int
+
+
+class ClusterView(Protocol):
+    """What the virtual files need to know about the cluster."""
+
+    def primary_hostname(self) -> str | None:
+        """The primary's hostname when this node is a replica connected to it."""
+
+    def lag_ms(self) -> int:
+        """Milliseconds since the last data or heartbeat from the primary (0 on the primary)."""
+
+
+class StandaloneCluster:
+    """A single node: always primary, never lagging."""
+
+    def primary_hostname(self) -> str | None:
+        return None
+
+    def lag_ms(self) -> int:
+        return 0
+
+
+@dataclass
+class Handle:
+    """An open file: the real descriptor, or the frozen content of a virtual file."""
+
+    node: Node
+    db: Database | None
+    fd: int = -1
+    content: bytes = b""
+
+
+def _errno(exc: BaseException, op: str, name: str) -> pyfuse3.FUSEError:
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    code = errno_for(exc)
+    if isinstance(exc, ReadOnlyError):
+        log.debug("%s refused: %s", op, exc)
+    elif isinstance(exc, LitefspyError):
+        log.error("%s failed %s: %s", op, kv(name=name), exc)
+    elif isinstance(exc, OSError):
+        log.debug("%s failed %s: %s", op, kv(name=name), exc)
+    else:
+        log.exception("unexpected error in %s %s", op, kv(name=name))
+        code = errno.EIO
+    return pyfuse3.FUSEError(code)
+
+
+class Operations(pyfuse3.Operations):
+    """Passthrough of every database file to `<data>/dbs/NAME/`, with commit capture."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, store: Store, cluster: ClusterView | None = None) -> None:
+        super().__init__()
+        self.store = store
+        self.cluster: ClusterView = cluster or StandaloneCluster()
+        self.inodes = InodeTable()
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._dir_listings: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.request_counts: dict[str, int] = {}
+
+    def _count(self, op: str) -> None:
+        self.request_counts[op] = self.request_counts.get(op, 0) + 1
+
+    # ---------------------------------------------------------- attributes
+
+    def _special_content(self, node: Node) -> bytes | None:
+        if node.kind is Special.POS:
+            db = self.store.get(node.name)
+            if db is None or not db.exists():
+                return None
+            return f"{db.pos}\n".encode()
+        if node.kind is Special.PRIMARY:
+            host = self.cluster.primary_hostname()
+            return None if host is None else f"{host}\n".encode()
+        if node.kind is Special.LAG:
+            return f"{self.cluster.lag_ms():+010d}\n".encode()
+        return None
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = node.ino
+        entry.generation = 0
+        if isinstance(node.kind, Special):
+            content = self._special_content(node)
+            if content is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            now = time.time_ns()
+            entry.st_mode = stat.S_IFREG | 0o444
+            entry.st_size = len(content)
+            entry.st_nlink = 1
+            entry.st_uid, entry.st_gid = self.uid, self.gid
+            entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = now
+            entry.st_blksize = 4096
+            entry.attr_timeout = entry.entry_timeout = 0
+            return entry
+        db = self._db(node.name)
+        st = os.stat(db.path(node.kind))
+        entry.st_mode = st.st_mode
+        entry.st_nlink = 1
+        entry.st_uid, entry.st_gid = st.st_uid, st.st_gid
+        entry.st_size = st.st_size
+        entry.st_blksize = st.st_blksize
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        entry.attr_timeout = entry.entry_timeout = CACHE_TIMEOUT
+        return entry
+
+    def _db(self, name: str) -> Database:
+        db = self.store.get(name)
+        if db is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return db
+
+    def _node(self, ino: int) -> Node:
+        node = self.inodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    @staticmethod
+    def _negative() -> pyfuse3.EntryAttributes:
+        """A cacheable "no such name": SQLite probes -journal/-wal on every read."""
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = 0
+        entry.entry_timeout = CACHE_TIMEOUT
+        return entry
+
+    # ------------------------------------------------------------- lookups
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._count("lookup")
+        text = os.fsdecode(name)
+        try:
+            if parent_inode != ROOT:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            db_name, kind = parse_name(text)
+            if isinstance(kind, Special):
+                node = self.inodes.node_for(db_name, kind)
+                attrs = self._attrs(node)
+                node.lookups += 1
+                return attrs
+            if not valid_database_name(db_name):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            db = self.store.get(db_name)
+            if db is None or not db.path(kind).exists():
+                return self._negative()
+            node = self.inodes.node_for(db_name, kind)
+            attrs = self._attrs(node)
+            node.lookups += 1
+            return attrs
+        except NotFoundError as exc:
+            log.error("lookup of offline database %s: %s", text, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise _errno(exc, "lookup", text) from None
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._count("getattr")
+        if inode == ROOT:
+            return self._root_attrs()
+        try:
+            return self._attrs(self._node(inode))
+        except Exception as exc:
+            raise _errno(exc, "getattr", str(inode)) from None
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        st = os.stat(self.store.dbs_dir)
+        entry.st_ino = ROOT
+        entry.st_mode = stat.S_IFDIR | 0o755
+        entry.st_nlink = 2
+        entry.st_uid, entry.st_gid = self.uid, self.gid
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        entry.st_blksize = 4096
+        entry.attr_timeout = 1.0
+        return entry
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._count("setattr")
+        if inode == ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        node = self._node(inode)
+        try:
+            if isinstance(node.kind, Special):
+                raise pyfuse3.FUSEError(errno.EPERM)
+            db = self._db(node.name)
+            path = db.path(node.kind)
+            if fields.update_size:
+                db.truncate(node.kind, attr.st_size)
+            if fields.update_mode:
+                os.chmod(path, stat.S_IMODE(attr.st_mode))
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else -1
+                gid = attr.st_gid if fields.update_gid else -1
+                os.chown(path, uid, gid)
+            if fields.update_atime or fields.update_mtime:
+                st = os.stat(path)
+                atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                os.utime(path, ns=(atime, mtime))
+            return self._attrs(node)
+        except Exception as exc:
+            raise _errno(exc, "setattr", mount_name(node.name, node.kind)) from None
+
+    # ---------------------------------------------------------- open/create
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    @staticmethod
+    def _wants_write(flags: int) -> bool:
+        return (flags & os.O_ACCMODE) != os.O_RDONLY
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._count("open")
+        node = self._node(inode)
+        try:
+            if isinstance(node.kind, Special):
+                if self._wants_write(flags):
+                    raise pyfuse3.FUSEError(errno.EACCES)
+                content = self._special_content(node)
+                if content is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                fh = self._new_handle(Handle(node, None, content=content))
+                return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+            db = self._db(node.name)
+            if self._wants_write(flags):
+                db.check_writable(node.kind)
+            fd = os.open(db.path(node.kind), flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+            if flags & os.O_TRUNC and self._wants_write(flags):
+                try:
+                    db.truncate(node.kind, 0)
+                except Exception:
+                    os.close(fd)
+                    raise
+            fh = self._new_handle(Handle(node, db, fd))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        except Exception as exc:
+            raise _errno(exc, "open", mount_name(node.name, node.kind)) from None
+
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._count("create")
+        text = os.fsdecode(name)
+        try:
+            if parent_inode != ROOT:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            db_name, kind = parse_name(text)
+            if isinstance(kind, Special) or not valid_database_name(db_name):
+                log.warning("create refused %s", kv(name=text, reason="not a database name"))
+                raise pyfuse3.FUSEError(errno.EPERM)
+            if not self.store.writable and kind is not FileKind.SHM:
+                raise ReadOnlyError(f"cannot create {text}: this node is a replica")
+            db = self.store.create(db_name)
+            path = db.path(kind)
+            fd = os.open(path, (flags & ~os.O_TRUNC) | os.O_CREAT, stat.S_IMODE(mode) or 0o644)
+            if flags & os.O_TRUNC and os.fstat(fd).st_size > 0:
+                db.truncate(kind, 0)
+            db.created(kind)
+            node = self.inodes.node_for(db_name, kind)
+            attrs = self._attrs(node)
+            node.lookups += 1
+            fh = self._new_handle(Handle(node, db, fd))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True), attrs
+        except Exception as exc:
+            raise _errno(exc, "create", text) from None
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        self._count("read")
+        handle = self._handle(fh)
+        if handle.fd < 0:
+            return handle.content[off : off + size]
+        try:
+            return os.pread(handle.fd, size, off)
+        except OSError as exc:
+            raise _errno(exc, "read", handle.node.name) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._count("write")
+        handle = self._handle(fh)
+        if handle.db is None or handle.fd < 0:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            return handle.db.write(handle.node.kind, handle.fd, off, buf)  # type: ignore[arg-type]
+        except Exception as exc:
+            raise _errno(exc, "write", mount_name(handle.node.name, handle.node.kind)) from None
+
+    async def flush(self, fh: int) -> None:
+        self._count("flush")
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self._count("fsync")
+        handle = self._handle(fh)
+        if handle.fd < 0:
+            return
+        try:
+            if datasync:
+                os.fdatasync(handle.fd)
+            else:
+                os.fsync(handle.fd)
+        except OSError as exc:
+            raise _errno(exc, "fsync", handle.node.name) from None
+
+    async def release(self, fh: int) -> None:
+        self._count("release")
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle.fd >= 0:
+            os.close(handle.fd)
+
+    # ----------------------------------------------------------- namespace
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._count("unlink")
+        text = os.fsdecode(name)
+        try:
+            if parent_inode != ROOT:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            db_name, kind = parse_name(text)
+            if isinstance(kind, Special):
+                raise pyfuse3.FUSEError(errno.EPERM)
+            db = self._db(db_name)
+            if not db.path(kind).exists():
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            db.unlink(kind)
+            self.inodes.retire(db_name, kind)
+        except Exception as exc:
+            raise _errno(exc, "unlink", text) from None
+
+    async def _refuse(self, *_args: object, **_kwargs: object) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, *_args: object, **_kwargs: object) -> None:
+        log.warning("rename refused: litefspy databases cannot be renamed through the mount")
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    mkdir = _refuse  # type: ignore[assignment]
+    mknod = _refuse  # type: ignore[assignment]
+    symlink = _refuse  # type: ignore[assignment]
+    link = _refuse  # type: ignore[assignment]
+    rmdir = _refuse
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.store.dbs_dir)
+        out = pyfuse3.StatvfsData()
+        for attr in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+        ):
+            setattr(out, attr, getattr(st, attr))
+        out.f_namemax = st.f_namemax
+        return out
+
+    # ---------------------------------------------------------- directories
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._count("opendir")
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        entries: list[tuple[bytes, pyfuse3.EntryAttributes]] = []
+        names: list[tuple[str, NodeKind]] = []
+        for db in self.store.databases():
+            for file_kind in FileKind:
+                if db.path(file_kind).exists():
+                    names.append((db.name, file_kind))
+            if db.exists():
+                names.append((db.name, Special.POS))
+        if self.cluster.primary_hostname() is not None:
+            names.append((Special.PRIMARY.value, Special.PRIMARY))
+        names.append((Special.LAG.value, Special.LAG))
+        for db_name, kind in names:
+            node = self.inodes.node_for(db_name, kind)
+            try:
+                entries.append((os.fsencode(mount_name(db_name, kind)), self._attrs(node)))
+            except (OSError, pyfuse3.FUSEError):
+                continue  # vanished while listing
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_listings[fh] = entries
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self._count("readdir")
+        entries = self._dir_listings.get(fh, [])
+        for idx in range(start_id, len(entries)):
+            name, attrs = entries[idx]
+            if not pyfuse3.readdir_reply(token, name, attrs, idx + 1):
+                break
+            node = self.inodes.get(attrs.st_ino)
+            if node is not None:
+                node.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self._dir_listings.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self._count("fsyncdir")
+        fd = os.open(self.store.dbs_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --------------------------------------------------------- invalidation
+
+    def invalidate_database(self, name: str) -> None:
+        """Drop the kernel's cached pages, attributes and entries of one database."""
+        kinds: list[NodeKind] = [*FileKind, Special.POS]
+        for kind in kinds:
+            node = self.inodes.current(name, kind)
+            if node is not None:
+                _quietly(lambda n=node: pyfuse3.invalidate_inode(n.ino))  # type: ignore[misc]
+            _quietly(
+                lambda k=kind: pyfuse3.invalidate_entry_async(  # type: ignore[misc]
+                    ROOT, os.fsencode(mount_name(name, k))
+                )
+            )
+
+
+def _quietly(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except OSError as exc:
+        # ENOENT: the kernel had nothing cached, which is fine.
+        if exc.errno != errno.ENOENT:
+            log.debug("kernel cache invalidation failed: %s", exc)

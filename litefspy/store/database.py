@@ -1,0 +1,722 @@
+"""One replicated database: its real files, commit capture, LTX history and recovery.
+
+Layout under `<data>/dbs/NAME/`: `database`, `journal`, `wal`, `shm` (the files the
+application sees through the mount as NAME, NAME-journal, NAME-wal, NAME-shm) and
+`ltx/` with one LTX file per transaction.
+
+Commits are inferred from file events (DESIGN.md decision 2):
+
+* rollback journal modes: the pages written to `database` while a journal is
+  active form the transaction; the journal's invalidation (unlink, truncate to 0,
+  or 28 zero bytes written at offset 0) is the commit;
+* WAL mode: a valid, fully written commit frame (see `waltrack`).
+
+The LTX file is made durable *before* the event that commits is performed (or,
+for WAL, before the write that completed the commit frame returns), so a crash
+at any point leaves either no LTX file and a hot journal / an unacknowledged WAL
+tail, or the LTX file, which startup recovery re-applies.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from litefspy.errors import DatabaseError, LTXError, ReadOnlyError, RecoveryError, SQLiteFormatError
+from litefspy.logs import kv
+from litefspy.ltx.checksum import PageChecksums, page_checksum
+from litefspy.ltx.decoder import Decoder, verify_file
+from litefspy.ltx.encoder import Encoder
+from litefspy.ltx.files import fsync_dir
+from litefspy.ltx.format import FLAG_COMPRESS, Header, format_filename, lock_pgno, parse_filename
+from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
+from litefspy.sqlite.header import parse_database_header
+from litefspy.sqlite.journal import is_hot_journal, rollback_journal
+from litefspy.sqlite.wal import WAL_HEADER_SIZE, WALReader, parse_wal_header
+from litefspy.store.waltrack import WALCommit, WALTracker
+
+log = logging.getLogger(__name__)
+
+ZERO_HEADER = bytes(28)
+
+
+class FileKind(Enum):
+    """The files of one database, as named inside the mount."""
+
+    DATABASE = ""
+    JOURNAL = "-journal"
+    WAL = "-wal"
+    SHM = "-shm"
+
+    @property
+    def backing_name(self) -> str:
+        return {"": "database", "-journal": "journal", "-wal": "wal", "-shm": "shm"}[self.value]
+
+
+@dataclass(frozen=True)
+class Position:
+    """Replication position: last TXID and the database checksum after it."""
+
+    txid: int
+    checksum: int
+
+    def __str__(self) -> str:
+        return f"{self.txid:016x}/{self.checksum:016x}"
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """What the store tells subscribers about a new LTX file."""
+
+    name: str
+    txid: int
+    path: Path
+    size: int
+    timestamp_ms: int
+
+
+CommitListener = Callable[[CommitInfo], None]
+
+
+class Database:
+    """A database directory and the commit-capture state machine for it."""
+
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        *,
+        node_id: int,
+        compress: bool = True,
+        strict_verify: bool = False,
+        on_commit: CommitListener | None = None,
+    ) -> None:
+        self.name = name
+        self.dir = root / name
+        self.ltx_dir = self.dir / "ltx"
+        self.node_id = node_id
+        self.compress = compress
+        self.strict_verify = strict_verify
+        self.on_commit = on_commit
+        self.writable = True
+        self.pos = Position(0, 0)
+        self.checksums: PageChecksums | None = None
+        self._journal_active = False
+        self._dirty: set[int] = set()
+        self._wal = WALTracker(name)
+        self._wal_fd: int | None = None
+        self._db_fd: int | None = None
+        self._is_wal_db = False
+        self.last_commit_ms = 0
+
+    # ----------------------------------------------------------------- paths
+
+    def path(self, kind: FileKind) -> Path:
+        """The real file behind one of the database's names."""
+        return self.dir / kind.backing_name
+
+    @property
+    def db_path(self) -> Path:
+        return self.path(FileKind.DATABASE)
+
+    def exists(self) -> bool:
+        """The database file exists (it may be empty until the first commit)."""
+        return self.db_path.exists()
+
+    def ltx_path(self, min_txid: int, max_txid: int) -> Path:
+        return self.ltx_dir / format_filename(min_txid, max_txid)
+
+    def ltx_files(self) -> list[tuple[int, int, Path]]:
+        """(min, max, path) of every LTX file, oldest first."""
+        out = []
+        try:
+            names = os.listdir(self.ltx_dir)
+        except FileNotFoundError:
+            return []
+        for fname in names:
+            if not fname.endswith(".ltx"):
+                continue
+            try:
+                lo, hi = parse_filename(fname)
+            except LTXError:
+                continue
+            out.append((lo, hi, self.ltx_dir / fname))
+        out.sort()
+        return out
+
+    def ensure_dirs(self) -> None:
+        """Create the database directory and its ltx/ directory."""
+        if not self.ltx_dir.is_dir():
+            self.ltx_dir.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.dir)
+            fsync_dir(self.dir.parent)
+
+    # --------------------------------------------------------- descriptors
+
+    def _db_reader(self) -> int:
+        if self._db_fd is None:
+            self._db_fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o644)
+        return self._db_fd
+
+    def _wal_reader(self) -> int:
+        if self._wal_fd is None:
+            self._wal_fd = os.open(self.path(FileKind.WAL), os.O_RDWR | os.O_CREAT, 0o644)
+        return self._wal_fd
+
+    def close(self) -> None:
+        """Close the descriptors the capture logic keeps open."""
+        for fd in (self._db_fd, self._wal_fd):
+            if fd is not None:
+                os.close(fd)
+        self._db_fd = self._wal_fd = None
+
+    # ------------------------------------------------------- writes (FUSE)
+
+    def check_writable(self, kind: FileKind) -> None:
+        """Raise ReadOnlyError if this node must not change the database."""
+        if not self.writable and kind is not FileKind.SHM:
+            raise ReadOnlyError(f"database {self.name} is read-only on this node (replica)")
+
+    def write(self, kind: FileKind, fd: int, offset: int, data: bytes) -> int:
+        """Write through to the real file and run commit capture for the event."""
+        if kind is FileKind.SHM:
+            return os.pwrite(fd, data, offset)
+        self.check_writable(kind)
+        if kind is FileKind.DATABASE:
+            return self._write_database(fd, offset, data)
+        if kind is FileKind.JOURNAL:
+            return self._write_journal(fd, offset, data)
+        return self._write_wal(fd, offset, data)
+
+    def _write_database(self, fd: int, offset: int, data: bytes) -> int:
+        if not (self._journal_active or self._is_wal_db or self._wal.header is not None):
+            raise DatabaseError(
+                f"write to {self.name} refused: no transaction is open (no rollback journal "
+                "and not in WAL mode). litefspy replicates SQLite transactions only; "
+                "journal_mode=MEMORY/OFF and non-SQLite writes are not supported "
+                "(use `litefspy import` to load a database file)"
+            )
+        if offset < DB_HEADER_SIZE:
+            self._check_header_write(offset, data)
+        written = os.pwrite(fd, data, offset)
+        if self._journal_active:
+            page_size = self._page_size_hint(offset, data)
+            first = offset // page_size + 1
+            last = (offset + written - 1) // page_size + 1
+            self._dirty.update(range(first, last + 1))
+        return written
+
+    def _check_header_write(self, offset: int, data: bytes) -> None:
+        if offset == 0 and len(data) >= DB_HEADER_SIZE:
+            try:
+                parse_database_header(data[:DB_HEADER_SIZE])
+            except SQLiteFormatError as exc:
+                raise DatabaseError(f"write to {self.name} refused: {exc}") from exc
+
+    def _page_size_hint(self, offset: int, data: bytes) -> int:
+        if offset == 0 and len(data) >= DB_HEADER_SIZE:
+            return parse_database_header(data[:DB_HEADER_SIZE]).page_size
+        if self.checksums is not None:
+            return self.checksums.page_size
+        raw = os.pread(self._db_reader(), DB_HEADER_SIZE, 0)
+        try:
+            return parse_database_header(raw).page_size
+        except SQLiteFormatError:
+            # Smallest SQLite page: marks every page the write can touch.
+            return 512
+
+    def _write_journal(self, fd: int, offset: int, data: bytes) -> int:
+        if (
+            offset == 0
+            and len(data) >= len(ZERO_HEADER)
+            and data[: len(ZERO_HEADER)] == ZERO_HEADER
+        ):
+            # journal_mode=PERSIST invalidates the journal by zeroing its header:
+            # this is the commit (or the end of a rollback).
+            return self._commit_then(lambda: os.pwrite(fd, data, offset))
+        written = os.pwrite(fd, data, offset)
+        self._journal_active = True
+        return written
+
+    def _write_wal(self, fd: int, offset: int, data: bytes) -> int:
+        written = os.pwrite(fd, data, offset)
+        reader = self._wal_reader()
+        commit = self._wal.on_write(reader, offset, written)
+        while commit is not None:
+            try:
+                self._capture_wal(commit)
+            except Exception:
+                self._wal.reject()
+                raise
+            self._wal.accept(commit)
+            self._prune_wal_index(commit.commit)
+            if self.strict_verify:
+                self._verify_full()
+            commit = self._wal.next_commit(reader)
+        return written
+
+    def truncate(self, kind: FileKind, size: int) -> None:
+        """ftruncate/truncate of one of the database's files."""
+        path = self.path(kind)
+        if kind is FileKind.SHM:
+            os.truncate(path, size)
+            return
+        self.check_writable(kind)
+        if kind is FileKind.JOURNAL:
+            if size == 0:
+                self._commit_then(lambda: os.truncate(path, 0))
+            else:
+                os.truncate(path, size)
+            return
+        if kind is FileKind.WAL:
+            os.truncate(path, size)
+            self._wal.on_truncate(size)
+            return
+        if not (self._journal_active or self._is_wal_db or self._wal.header is not None):
+            # VACUUM trims the file after its journal is gone: fine as long as
+            # nothing of the committed database is cut off.
+            committed = self.checksums
+            if committed is None or size < committed.page_count * committed.page_size:
+                raise DatabaseError(
+                    f"truncate of {self.name} to {size} bytes refused: no transaction is "
+                    "open and it would cut off committed pages"
+                )
+        os.truncate(path, size)
+
+    def unlink(self, kind: FileKind) -> None:
+        """unlink of one of the database's names."""
+        path = self.path(kind)
+        if kind is FileKind.SHM:
+            path.unlink()
+            return
+        self.check_writable(kind)
+        if kind is FileKind.JOURNAL:
+            self._commit_then(path.unlink)
+            return
+        if kind is FileKind.WAL:
+            path.unlink()
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+            self._wal.reset()
+            return
+        self._delete_database()
+
+    def created(self, kind: FileKind) -> None:
+        """A file of this database was created through the mount."""
+        if kind is FileKind.WAL:
+            self._wal.reset()
+
+    # ------------------------------------------------------ commit capture
+
+    def _commit_then(self, invalidate: Callable[[], object]) -> int:
+        """Record the rollback-journal transaction as LTX, then invalidate the journal."""
+        if not self._dirty:
+            self._journal_active = False
+            result = invalidate()
+            return result if isinstance(result, int) else 0
+        prev_pos, prev_checksums = self.pos, self.checksums
+        created = self._capture_rollback()
+        try:
+            result = invalidate()
+        except OSError:
+            if created is not None:
+                # SQLite sees the failure and will roll the journal back: so must we.
+                created.unlink(missing_ok=True)
+                self.pos, self.checksums = prev_pos, prev_checksums
+            raise
+        self._dirty.clear()
+        self._journal_active = False
+        if self.strict_verify and created is not None:
+            self._verify_full()
+        return result if isinstance(result, int) else 0
+
+    def _read_db_header(self, fd: int) -> tuple[int, int]:
+        """(page size, page count) of the database file as it is now."""
+        raw = os.pread(fd, DB_HEADER_SIZE, 0)
+        header = parse_database_header(raw)
+        size = os.fstat(fd).st_size
+        count = size // header.page_size
+        if header.page_count_valid and header.page_count != count:
+            log.warning(
+                "database header size differs from file size; using header %s",
+                kv(db=self.name, header_pages=header.page_count, file_pages=count),
+            )
+            count = header.page_count
+        self._is_wal_db = header.is_wal
+        return header.page_size, count
+
+    def _capture_rollback(self) -> Path | None:
+        """Build the LTX file of the pages written since the journal became active."""
+        fd = self._db_reader()
+        if os.fstat(fd).st_size == 0:
+            return None
+        try:
+            page_size, commit = self._read_db_header(fd)
+        except SQLiteFormatError as exc:
+            raise DatabaseError(f"cannot capture commit of {self.name}: {exc}") from exc
+        old = self.checksums
+        full = old is None or old.page_size != page_size or self.pos.txid == 0
+        if full:
+            candidates: Iterator[int] = iter(range(1, commit + 1))
+            base = PageChecksums(page_size)
+        else:
+            assert old is not None
+            extra = range(old.page_count + 1, commit + 1)
+            candidates = iter(sorted(p for p in self._dirty.union(extra) if p <= commit))
+            base = old.copy()
+
+        def pages() -> Iterator[tuple[int, bytes]]:
+            lock = lock_pgno(page_size)
+            for pgno in candidates:
+                if pgno == lock:
+                    continue
+                data = os.pread(fd, page_size, (pgno - 1) * page_size)
+                if len(data) != page_size:
+                    raise DatabaseError(
+                        f"cannot capture commit of {self.name}: page {pgno} is short"
+                    )
+                ck = page_checksum(pgno, data)
+                if not full and base.get(pgno) == ck:
+                    continue
+                base.set(pgno, ck)
+                yield pgno, data
+
+        base.truncate(commit)
+        return self._write_ltx(page_size, commit, pages(), base, full=full)
+
+    def _capture_wal(self, commit: WALCommit) -> None:
+        wal_fd = self._wal_reader()
+        header = self._wal.header
+        assert header is not None
+        page_size = header.page_size
+        old = self.checksums
+        full = old is None or old.page_size != page_size or self.pos.txid == 0
+        base = PageChecksums(page_size) if full or old is None else old.copy()
+
+        def page_at(pgno: int) -> bytes:
+            off = commit.pages.get(pgno)
+            if off is not None:
+                return os.pread(wal_fd, page_size, off)
+            return self.read_page(pgno, page_size)
+
+        if full:
+            numbers: list[int] = list(range(1, commit.commit + 1))
+        else:
+            numbers = sorted(p for p in commit.pages if p <= commit.commit)
+
+        def pages() -> Iterator[tuple[int, bytes]]:
+            lock = lock_pgno(page_size)
+            for pgno in numbers:
+                if pgno == lock:
+                    continue
+                data = page_at(pgno)
+                if len(data) != page_size:
+                    data = data.ljust(page_size, b"\0")
+                ck = page_checksum(pgno, data)
+                if not full and base.get(pgno) == ck:
+                    continue
+                base.set(pgno, ck)
+                yield pgno, data
+
+        base.truncate(commit.commit)
+        self._write_ltx(
+            page_size,
+            commit.commit,
+            pages(),
+            base,
+            full=full,
+            wal=(commit.start, commit.end - commit.start, commit.salt1, commit.salt2),
+        )
+        if 1 in commit.pages:
+            first = os.pread(wal_fd, DB_HEADER_SIZE, commit.pages[1])
+            try:
+                self._is_wal_db = parse_database_header(first).is_wal
+            except SQLiteFormatError:
+                pass
+
+    def _prune_wal_index(self, commit: int) -> None:
+        for pgno in [p for p in self._wal.index if p > commit]:
+            del self._wal.index[pgno]
+
+    def read_page(self, pgno: int, page_size: int) -> bytes:
+        """The committed content of a page: newest WAL frame, else the database file."""
+        off = self._wal.index.get(pgno)
+        if off is not None:
+            return os.pread(self._wal_reader(), page_size, off)
+        return os.pread(self._db_reader(), page_size, (pgno - 1) * page_size)
+
+    def _write_ltx(
+        self,
+        page_size: int,
+        commit: int,
+        pages: Iterator[tuple[int, bytes]],
+        checksums: PageChecksums,
+        *,
+        full: bool,
+        wal: tuple[int, int, int, int] = (0, 0, 0, 0),
+    ) -> Path | None:
+        """Encode the pages as the next LTX file; None if nothing changed."""
+        self.ensure_dirs()
+        txid = self.pos.txid + 1
+        snapshot = txid == 1
+        now_ms = int(time.time() * 1000)
+        header = Header(
+            flags=FLAG_COMPRESS if self.compress else 0,
+            page_size=page_size,
+            commit=commit,
+            min_txid=txid,
+            max_txid=txid,
+            timestamp=now_ms,
+            pre_apply_checksum=0 if snapshot else self.pos.checksum,
+            wal_offset=wal[0],
+            wal_size=wal[1],
+            wal_salt1=wal[2],
+            wal_salt2=wal[3],
+            node_id=self.node_id,
+        )
+        final = self.ltx_path(txid, txid)
+        tmp = final.with_name(final.name + ".tmp")
+        wrote = 0
+        with open(tmp, "wb") as f:
+            enc = Encoder(f, header)
+            for pgno, data in pages:
+                enc.write_page(pgno, data)
+                wrote += 1
+            old_commit = self.checksums.page_count if self.checksums is not None else -1
+            if wrote == 0 and not full and commit == old_commit:
+                f.close()
+                tmp.unlink()
+                return None
+            enc.finish(checksums.total)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        fsync_dir(self.ltx_dir)
+        self.checksums = checksums
+        self.pos = Position(txid, checksums.total)
+        self.last_commit_ms = now_ms
+        log.debug("commit %s", kv(db=self.name, txid=f"{txid:016x}", pages=wrote))
+        if self.on_commit is not None:
+            self.on_commit(
+                CommitInfo(self.name, txid, final, final.stat().st_size, now_ms),
+            )
+        return final
+
+    def _verify_full(self) -> None:
+        """strict-verify: recompute the whole checksum from the committed pages."""
+        assert self.checksums is not None
+        page_size = self.checksums.page_size
+        full = PageChecksums(page_size)
+        lock = lock_pgno(page_size)
+        for pgno in range(1, self.checksums.page_count + 1):
+            if pgno != lock:
+                full.set(pgno, page_checksum(pgno, self.read_page(pgno, page_size)))
+        full.truncate(self.checksums.page_count)
+        if full.total != self.checksums.total:
+            raise DatabaseError(
+                f"strict-verify failed for {self.name} at txid {self.pos.txid:016x}: "
+                f"incremental checksum {self.checksums.total:016x} != full {full.total:016x}"
+            )
+
+    def _delete_database(self) -> None:
+        """The application deleted the database: record it (commit 0), remove the files."""
+        if self.pos.txid > 0 and self.checksums is not None:
+            empty = PageChecksums(self.checksums.page_size)
+            self._write_ltx(self.checksums.page_size, 0, iter(()), empty, full=True)
+        self.close()
+        for kind in (FileKind.DATABASE, FileKind.JOURNAL, FileKind.WAL, FileKind.SHM):
+            self.path(kind).unlink(missing_ok=True)
+        self.checksums = None
+        self._dirty.clear()
+        self._journal_active = False
+        self._wal.reset()
+        self._is_wal_db = False
+
+    # -------------------------------------------------------------- recovery
+
+    def recover(self) -> None:
+        """Bring the directory to a consistent state at startup (DESIGN.md decision 6)."""
+        self.ensure_dirs()
+        for leftover in self.ltx_dir.glob("*.tmp"):
+            leftover.unlink()
+        files = self.ltx_files()
+        newest = files[-1][2] if files else None
+        header = trailer = None
+        if newest is not None:
+            try:
+                header, trailer = verify_file(newest)
+            except LTXError as exc:
+                raise RecoveryError(
+                    f"database {self.name}: newest LTX file {newest} is invalid ({exc}); "
+                    "it holds the last committed transaction, so litefspy will not guess. "
+                    "Restore it from a replica's ltx/ directory, or move "
+                    f"{self.dir} aside and re-import the database"
+                ) from exc
+        journal = self.path(FileKind.JOURNAL)
+        if journal.exists():
+            if is_hot_journal(journal, self.db_path):
+                restored = rollback_journal(journal, self.db_path)
+                log.info("rolled back hot journal %s", kv(db=self.name, pages=restored))
+            journal.unlink()
+        self._recover_wal(header)
+        self.path(FileKind.SHM).unlink(missing_ok=True)
+        if header is None or trailer is None:
+            self._adopt_existing_file()
+            return
+        self.pos = Position(header.max_txid, trailer.post_apply_checksum)
+        if header.commit == 0:
+            if self.db_path.exists() and self.db_path.stat().st_size > 0:
+                raise RecoveryError(
+                    f"database {self.name}: newest LTX {newest} deletes the database but "
+                    f"{self.db_path} still has data; move it aside to continue"
+                )
+            self.db_path.unlink(missing_ok=True)
+            self.checksums = None
+            return
+        assert newest is not None
+        self._reapply_newest(newest, header.page_size, trailer.post_apply_checksum)
+
+    def _recover_wal(self, header: Header | None) -> None:
+        """Checkpoint the captured WAL frames into the database; set the rest aside."""
+        wal_path = self.path(FileKind.WAL)
+        if not wal_path.exists():
+            return
+        if wal_path.stat().st_size >= WAL_HEADER_SIZE:
+            with open(wal_path, "rb") as f:
+                try:
+                    wal_header = parse_wal_header(f.read(WAL_HEADER_SIZE))
+                except SQLiteFormatError:
+                    wal_header = None
+            captured_end = 0
+            if (
+                wal_header is not None
+                and header is not None
+                and header.wal_size > 0
+                and (header.wal_salt1, header.wal_salt2) == (wal_header.salt1, wal_header.salt2)
+            ):
+                captured_end = header.wal_offset + header.wal_size
+            if captured_end:
+                self._checkpoint_wal(wal_path, captured_end)
+            elif wal_header is not None and wal_path.stat().st_size > WAL_HEADER_SIZE:
+                aside = self.dir / f"wal.aside-{int(time.time())}"
+                os.rename(wal_path, aside)
+                log.warning(
+                    "WAL frames not captured by any LTX file set aside %s",
+                    kv(db=self.name, path=aside),
+                )
+        wal_path.unlink(missing_ok=True)
+
+    def _checkpoint_wal(self, wal_path: Path, end: int) -> None:
+        with open(wal_path, "rb") as wf:
+            reader = WALReader(wf)
+            page_size = reader.header.page_size
+            latest: dict[int, int] = {}
+            commit = None
+            for txn in reader.transactions():
+                if txn.end_offset > end:
+                    break
+                latest.update(txn.pages)
+                commit = txn.commit
+            if commit is None:
+                return
+            fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                for pgno in sorted(latest):
+                    if pgno <= commit:
+                        os.pwrite(
+                            fd,
+                            os.pread(wf.fileno(), page_size, latest[pgno]),
+                            (pgno - 1) * page_size,
+                        )
+                os.ftruncate(fd, commit * page_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        log.info("checkpointed captured WAL frames %s", kv(db=self.name, pages=len(latest)))
+
+    def _adopt_existing_file(self) -> None:
+        """A database file with no LTX history (placed in data.dir by hand): snapshot it."""
+        if not self.db_path.exists() or self.db_path.stat().st_size == 0:
+            self.db_path.unlink(missing_ok=True)
+            self.checksums = None
+            return
+        fd = self._db_reader()
+        try:
+            page_size, commit = self._read_db_header(fd)
+        except SQLiteFormatError as exc:
+            raise RecoveryError(
+                f"database {self.name}: {self.db_path} is not a SQLite database ({exc})"
+            ) from exc
+        log.info("adopting existing database file as TXID 1 %s", kv(db=self.name))
+        self._write_ltx(
+            page_size,
+            commit,
+            self._all_pages(fd, page_size, commit),
+            self._checksums_of(fd, page_size, commit),
+            full=True,
+        )
+
+    @staticmethod
+    def _all_pages(fd: int, page_size: int, commit: int) -> Iterator[tuple[int, bytes]]:
+        lock = lock_pgno(page_size)
+        for pgno in range(1, commit + 1):
+            if pgno != lock:
+                yield pgno, os.pread(fd, page_size, (pgno - 1) * page_size).ljust(page_size, b"\0")
+
+    @staticmethod
+    def _checksums_of(fd: int, page_size: int, commit: int) -> PageChecksums:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return PageChecksums.from_file(f, page_size, commit)
+
+    def _reapply_newest(self, newest: Path, page_size: int, expected: int) -> None:
+        """Make the database equal to the newest LTX's post-apply state, or refuse."""
+        fd = self._db_reader()
+        with open(newest, "rb") as f:
+            dec = Decoder(f)
+            for pgno, data in dec.pages():
+                os.pwrite(fd, data, (pgno - 1) * page_size)
+            commit = dec.header.commit
+        os.ftruncate(fd, commit * page_size)
+        os.fsync(fd)
+        checksums = self._checksums_of(fd, page_size, commit)
+        if checksums.total != expected:
+            raise RecoveryError(
+                f"database {self.name}: checksum {checksums.total:016x} after re-applying "
+                f"{newest.name} does not match its post-apply checksum {expected:016x}: "
+                f"pages not covered by that file differ from the history. The database "
+                f"stays offline; restore it from a replica (`litefspy export` there, then "
+                f"`litefspy import`), or move {self.dir} aside"
+            )
+        self.checksums = checksums
+        try:
+            self._read_db_header(fd)
+        except SQLiteFormatError:
+            pass
+
+
+def errno_for(exc: BaseException) -> int:
+    """Map a store exception to the errno the FUSE layer answers with."""
+    if isinstance(exc, ReadOnlyError):
+        return errno.EROFS
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    if isinstance(exc, DatabaseError):
+        return errno.EPERM
+    return errno.EIO
+
+
+__all__ = [
+    "CommitInfo",
+    "Database",
+    "FileKind",
+    "Position",
+    "errno_for",
+    "fsync_dir",
+]

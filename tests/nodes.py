@@ -1,0 +1,140 @@
+"""Test harness: litefspy nodes as real processes with real FUSE mounts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def force_unmount(path: Path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+
+
+class NodeProcess:
+    """One `litefspy mount` process with its own config, data dir and mount point."""
+
+    def __init__(
+        self, root: Path, name: str = "node", *, config_extra: str = "", lease: str | None = None
+    ) -> None:
+        self.root = root / name
+        self.name = name
+        self.mnt = self.root / "mnt"
+        self.data = self.root / "data"
+        self.config_path = self.root / "fuse.yml"
+        self.log_path = self.root / "node.log"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.root.mkdir(parents=True, exist_ok=True)
+        lease_text = lease or (
+            "lease:\n  type: static\n  candidate: true\n"
+            f"  hostname: {name}\n  advertise-url: http://127.0.0.1:{self.port}\n"
+        )
+        self.config_path.write_text(
+            f"fuse:\n  dir: {self.mnt}\n"
+            f"data:\n  dir: {self.data}\n"
+            f"grpc:\n  addr: 127.0.0.1:{self.port}\n"
+            f"{lease_text}"
+            "strict-verify: true\n"
+            "log:\n  debug: true\n"
+            f"{config_extra}"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait: bool = True, timeout: float = 30.0) -> NodeProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "litefspy", "mount", "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.root,
+        )
+        log.close()
+        if wait:
+            self.wait_mounted(timeout)
+        return self
+
+    def wait_mounted(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node {self.name} exited early:\n{self.log()}")
+            return (self.mnt / ".lag").exists()
+
+        wait_for(ready, timeout, what=f"{self.name} to mount")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        if os.path.ismount(self.mnt) or _is_stale(self.mnt):
+            force_unmount(self.mnt)
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def db(self, name: str) -> Path:
+        return self.mnt / name
+
+    def ltx_dir(self, name: str) -> Path:
+        return self.data / "dbs" / name / "ltx"
+
+    def ltx_files(self, name: str) -> list[Path]:
+        d = self.ltx_dir(name)
+        return sorted(d.glob("*.ltx")) if d.exists() else []
+
+    def pos(self, name: str) -> tuple[int, int]:
+        text = (self.mnt / f"{name}-pos").read_text().strip()
+        txid, checksum = text.split("/")
+        return int(txid, 16), int(checksum, 16)
+
+
+def _is_stale(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError:
+        return True
+    return False
