@@ -1,0 +1,242 @@
+"""Streaming LTX v1 reader and whole-file verification."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import lz4.frame
+
+from litefspy.errors import LTXChecksumError, LTXError
+from litefspy.ltx.checksum import crc64, page_checksum
+from litefspy.ltx.files import StrPath
+from litefspy.ltx.format import (
+    CHECKSUM_FLAG,
+    HEADER_SIZE,
+    PAGE_HEADER_SIZE,
+    TRAILER_SIZE,
+    Header,
+    Trailer,
+    lock_pgno,
+)
+
+# Compressed input is read in modest chunks, and decompressed output is capped
+# per call, so a highly compressible body (zero pages compress ~250:1) never
+# inflates into a huge buffer.
+_RAW_CHUNK = 1 << 20
+_OUT_CHUNK = 4 << 20
+
+
+def _read_exactly(f: BinaryIO, n: int) -> bytes:
+    """Up to n bytes, retrying short reads; fewer only at end of file."""
+    data = f.read(n)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    have = len(data)
+    while have < n:
+        more = f.read(n - have)
+        if not more:
+            break
+        parts.append(more)
+        have += len(more)
+    return b"".join(parts)
+
+
+class _Body:
+    """The uncompressed bytes of the page block, served in exact-size reads.
+
+    Reads the underlying file in chunks, so it may read past the end of the
+    page block; rest() hands back what it holds beyond that (the trailer).
+    """
+
+    def __init__(self, f: BinaryIO, compressed: bool) -> None:
+        self._f = f
+        self._lz = lz4.frame.LZ4FrameDecompressor() if compressed else None
+        self._data = b""
+        self._pos = 0
+
+    def _more(self) -> bytes:
+        """Next chunk of uncompressed body; b"" at the end of the file or LZ4 frame."""
+        lz = self._lz
+        if lz is None:
+            return self._f.read(_RAW_CHUNK)
+        out: bytes
+        try:
+            while not lz.eof:
+                if lz.needs_input:
+                    raw = self._f.read(_RAW_CHUNK)
+                    if not raw:
+                        raise LTXError("truncated: the file ends inside the LZ4-compressed body")
+                    out = lz.decompress(raw, max_length=_OUT_CHUNK)
+                else:
+                    out = lz.decompress(b"", max_length=_OUT_CHUNK)
+                if out:
+                    return out
+        except RuntimeError as exc:
+            # python-lz4 reports every frame decoding failure as RuntimeError.
+            raise LTXError(f"corrupt LZ4-compressed body: {exc}") from exc
+        return b""
+
+    def read(self, n: int) -> bytes:
+        """Exactly n bytes, or fewer if the body ends first."""
+        end = self._pos + n
+        if end <= len(self._data):
+            out = self._data[self._pos : end]
+            self._pos = end
+            return out
+        parts = [self._data[self._pos :]]
+        have = len(parts[0])
+        while have < n:
+            chunk = self._more()
+            if not chunk:
+                self._data, self._pos = b"", 0
+                return b"".join(parts)
+            take = n - have
+            parts.append(chunk[:take])
+            have += min(take, len(chunk))
+            self._data, self._pos = chunk, min(take, len(chunk))
+        return b"".join(parts)
+
+    def rest(self) -> bytes:
+        """Bytes after the page block that were already read from the file.
+
+        For a compressed body the LZ4 frame must end right after the
+        terminator: any further decompressed byte is an error.
+        """
+        leftover = self._data[self._pos :]
+        self._data, self._pos = b"", 0
+        if self._lz is None:
+            return leftover
+        if leftover or self._more():
+            raise LTXError("corrupt: data after the page-block terminator inside the LZ4 frame")
+        return self._lz.unused_data or b""
+
+
+class Decoder:
+    """Reads one LTX file from an open binary stream.
+
+    The header is read and validated at construction.  pages() streams the
+    pages, checking the format's rules as it goes; once exhausted, it has
+    read the trailer, required the end of the file, and verified the file
+    checksum (LTXChecksumError on mismatch), and `trailer` is set.
+    """
+
+    header: Header
+
+    def __init__(self, f: BinaryIO) -> None:
+        raw = _read_exactly(f, HEADER_SIZE)
+        if len(raw) < HEADER_SIZE:
+            raise LTXError(f"truncated: {len(raw)} bytes, shorter than the LTX header")
+        self.header = Header.decode(raw)
+        self._f = f
+        self._crc = crc64(raw)
+        self._trailer: Trailer | None = None
+        self._started = False
+
+    @property
+    def trailer(self) -> Trailer:
+        """The verified trailer; only available once pages() is exhausted."""
+        if self._trailer is None:
+            raise LTXError("LTX trailer not read yet: iterate pages() to the end first")
+        return self._trailer
+
+    def pages(self) -> Iterator[tuple[int, bytes]]:
+        """Yield (pgno, page bytes) in file order, then verify the trailer."""
+        if self._started:
+            raise LTXError("LTX decoder: pages() can be iterated only once")
+        self._started = True
+        header = self.header
+        page_size = header.page_size
+        commit = header.commit
+        lock = lock_pgno(page_size)
+        snapshot = header.is_snapshot
+        body = _Body(self._f, header.compressed)
+        crc = self._crc
+        last = 0
+        while True:
+            raw = body.read(PAGE_HEADER_SIZE)
+            if len(raw) < PAGE_HEADER_SIZE:
+                raise LTXError(
+                    f"truncated: the page block ends after page {last} without its terminator"
+                )
+            crc = crc64(raw, crc)
+            pgno = int.from_bytes(raw, "big")
+            if pgno == 0:
+                break
+            if pgno <= last:
+                raise LTXError(f"corrupt: page {pgno} follows page {last} (must ascend)")
+            if pgno > commit:
+                raise LTXError(f"corrupt: page {pgno} is above commit {commit}")
+            if pgno == lock:
+                raise LTXError(f"corrupt: page {pgno} is the lock page, which is never stored")
+            if snapshot:
+                expected = last + 2 if last + 1 == lock else last + 1
+                if pgno != expected:
+                    raise LTXError(f"corrupt: snapshot is missing page {expected}")
+            data = body.read(page_size)
+            if len(data) < page_size:
+                raise LTXError(f"truncated: the file ends inside page {pgno}")
+            crc = crc64(data, crc)
+            last = pgno
+            yield pgno, data
+        if snapshot:
+            expected_last = commit - 1 if commit == lock else commit
+            if last != expected_last:
+                nxt = last + 2 if last + 1 == lock else last + 1
+                raise LTXError(f"corrupt: snapshot is missing page {nxt} (commit {commit})")
+        self._trailer = self._read_trailer(body, crc)
+
+    def _read_trailer(self, body: _Body, crc: int) -> Trailer:
+        tail = body.rest()
+        if len(tail) < TRAILER_SIZE:
+            tail += _read_exactly(self._f, TRAILER_SIZE - len(tail))
+        if len(tail) < TRAILER_SIZE:
+            raise LTXError(f"truncated: trailer is {len(tail)} of {TRAILER_SIZE} bytes")
+        extra = len(tail) - TRAILER_SIZE
+        if not extra:
+            extra = len(self._f.read(1))
+        if extra:
+            raise LTXError("trailing garbage: data after the 16-byte trailer")
+        trailer = Trailer.decode(tail)
+        crc = crc64(tail[:8], crc)
+        computed = CHECKSUM_FLAG | crc
+        if trailer.file_checksum != computed:
+            raise LTXChecksumError(
+                f"file checksum mismatch: trailer says {trailer.file_checksum:016x}, "
+                f"contents give {computed:016x}"
+            )
+        trailer.validate(self.header.commit)
+        return trailer
+
+
+def _with_name(exc: LTXError, path: StrPath) -> LTXError:
+    """Same error class, message prefixed with the file it is about."""
+    return type(exc)(f"{os.fspath(path)}: {exc}")
+
+
+def verify_file(path: StrPath) -> tuple[Header, Trailer]:
+    """Fully check one LTX file; raises LTXError naming the file on any failure.
+
+    Checks the header rules, page order, the end of file, the file checksum,
+    and for snapshots also that the pages' database checksum equals the
+    post-apply checksum.
+    """
+    try:
+        with open(path, "rb") as f:
+            dec = Decoder(f)
+            snapshot = dec.header.is_snapshot
+            xor = 0
+            for pgno, data in dec.pages():
+                if snapshot:
+                    xor ^= page_checksum(pgno, data)
+            trailer = dec.trailer
+        if snapshot and trailer.post_apply_checksum != CHECKSUM_FLAG | xor:
+            raise LTXChecksumError(
+                f"snapshot post-apply checksum {trailer.post_apply_checksum:016x} does not "
+                f"match its pages ({CHECKSUM_FLAG | xor:016x})"
+            )
+    except LTXError as exc:
+        raise _with_name(exc, path) from exc
+    return dec.header, trailer
