@@ -1,0 +1,304 @@
+"""Applying LTX files to database files, and snapshotting a database into one.
+
+Every apply is two passes over the LTX file: a dry run that decodes it fully
+(file checksum, page rules) and computes the resulting database checksum on a
+copy of the rolling checksums, then the pass that writes pages.  A corrupt,
+truncated or mismatched file is therefore rejected before the database is
+touched, without buffering a whole (possibly huge) snapshot in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from litefspy.errors import LTXChecksumError, LTXError, SQLiteFormatError
+from litefspy.ltx.checksum import READ_CHUNK, PageChecksums, page_checksum, read_exactly_into
+from litefspy.ltx.decoder import Decoder
+from litefspy.ltx.encoder import Encoder
+from litefspy.ltx.files import StrPath, atomic_write, fsync_dir
+from litefspy.ltx.format import (
+    CHECKSUM_FLAG,
+    FLAG_COMPRESS,
+    Header,
+    Trailer,
+    format_pos,
+    is_valid_page_size,
+    lock_pgno,
+)
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+_MAX_COMMIT = (1 << 32) - 1
+# Contiguous pages are written to the database in runs of up to this size.
+_WRITE_RUN = 4 << 20
+
+
+def _plan(ltx: BinaryIO, current: PageChecksums | None) -> tuple[Header, Trailer, PageChecksums]:
+    """Dry run: fully decode one LTX file and compute the checksums after applying it.
+
+    `current` describes the database before (None: not needed, the file must
+    be a snapshot).  Raises before anything is written anywhere.
+    """
+    dec = Decoder(ltx)
+    header = dec.header
+    if header.is_snapshot:
+        after = PageChecksums(header.page_size)
+    else:
+        if current is None:
+            raise LTXError("an incremental LTX file needs the database it continues")
+        if current.page_count and current.page_size != header.page_size:
+            raise LTXError(
+                f"page size {header.page_size} does not match the database's {current.page_size}"
+            )
+        if header.pre_apply_checksum != current.total:
+            raise LTXChecksumError(
+                f"pre-apply checksum {header.pre_apply_checksum:016x} does not match the "
+                f"database's checksum {current.total:016x}"
+            )
+        after = current.copy()
+        if after.page_size != header.page_size:
+            # An empty database has no page size of its own yet.
+            after.clear(header.page_size)
+    for pgno, data in dec.pages():
+        after.set(pgno, page_checksum(pgno, data))
+    after.truncate(header.commit)
+    trailer = dec.trailer
+    if trailer.post_apply_checksum != after.total:
+        raise LTXChecksumError(
+            f"post-apply checksum {trailer.post_apply_checksum:016x} does not match the "
+            f"database after applying ({after.total:016x})"
+        )
+    return header, trailer, after
+
+
+def _write_pages(db: BinaryIO, ltx: BinaryIO) -> Header:
+    """Second pass: write the pages of an already checked LTX file into db."""
+    dec = Decoder(ltx)
+    header = dec.header
+    page_size = header.page_size
+    run: list[bytes] = []
+    run_start = 0  # first pgno of `run`
+    for pgno, data in dec.pages():
+        if run and (pgno != run_start + len(run) or len(run) * page_size >= _WRITE_RUN):
+            db.seek((run_start - 1) * page_size)
+            db.write(b"".join(run))
+            run = []
+        if not run:
+            run_start = pgno
+        run.append(data)
+    if run:
+        db.seek((run_start - 1) * page_size)
+        db.write(b"".join(run))
+    lock = lock_pgno(page_size)
+    if header.is_snapshot and header.commit >= lock:
+        # The lock page is never encoded; a materialized snapshot has zeros
+        # there, whatever an older file at this path held.
+        db.seek((lock - 1) * page_size)
+        db.write(bytes(page_size))
+    db.truncate(header.commit * page_size)
+    db.flush()
+    return header
+
+
+def apply_ltx(
+    db: BinaryIO, ltx: BinaryIO, checksums: PageChecksums | None
+) -> tuple[Header, Trailer]:
+    """Apply one LTX file to an open database file (both seekable).
+
+    Requires the pre-apply checksum to equal the database's current checksum
+    (unless the file is a snapshot), writes the pages, truncates the database
+    to commit pages and requires the post-apply checksum.  `checksums` is
+    the database's rolling state and is updated; None means compute it from
+    db.  The whole LTX file is checked before the first write (see the module
+    doc), so on any error db and checksums are unchanged.  Does not fsync.
+    """
+    start = ltx.tell()
+    header = Decoder(ltx).header
+    ltx.seek(start)
+    current = checksums
+    if current is None and not header.is_snapshot:
+        size = db.seek(0, os.SEEK_END)
+        if size % header.page_size:
+            raise LTXError(
+                f"database size {size} is not a multiple of the LTX page size {header.page_size}"
+            )
+        current = PageChecksums.from_file(db, header.page_size)
+    header, trailer, after = _plan(ltx, current)
+    ltx.seek(start)
+    _write_pages(db, ltx)
+    if checksums is not None:
+        checksums.replace_with(after)
+    return header, trailer
+
+
+def _read_header(path: StrPath) -> Header:
+    with open(path, "rb") as f:
+        return Decoder(f).header
+
+
+def _prefixed(exc: LTXError, path: StrPath) -> LTXError:
+    return type(exc)(f"{os.fspath(path)}: {exc}")
+
+
+def apply_files(db_path: StrPath, ltx_paths: Sequence[StrPath]) -> tuple[int, int]:
+    """Apply LTX files in order to the database at db_path; returns (TXID, checksum) after.
+
+    The files must be contiguous (each min TXID == previous max TXID + 1).
+    The first may be a snapshot (db_path need not exist then) or must
+    continue the database: its pre-apply checksum equals the database's.
+    Every file is checked (dry run) before the database is touched.  A file
+    with commit 0 leaves no database: the file at db_path is deleted.
+    """
+    if not ltx_paths:
+        raise LTXError("no LTX files to apply")
+    db_path = Path(db_path)
+    headers: list[Header] = []
+    for path in ltx_paths:
+        try:
+            headers.append(_read_header(path))
+        except LTXError as exc:
+            raise _prefixed(exc, path) from exc
+    for i in range(1, len(headers)):
+        prev, cur = headers[i - 1], headers[i]
+        if cur.min_txid != prev.max_txid + 1:
+            raise LTXError(
+                f"{os.fspath(ltx_paths[i])}: TXID gap: starts at {cur.min_txid:016x} but "
+                f"{os.fspath(ltx_paths[i - 1])} ends at {prev.max_txid:016x}"
+            )
+
+    first = headers[0]
+    exists = db_path.exists()
+    current: PageChecksums | None = None
+    if not first.is_snapshot:
+        if exists:
+            with open(db_path, "rb") as db:
+                size = os.fstat(db.fileno()).st_size
+                if size % first.page_size:
+                    raise LTXError(
+                        f"{db_path}: size {size} is not a multiple of the LTX page size "
+                        f"{first.page_size}"
+                    )
+                current = PageChecksums.from_file(db, first.page_size)
+        else:
+            current = PageChecksums(first.page_size)  # a missing database is empty
+
+    plan = current
+    for path in ltx_paths:
+        try:
+            with open(path, "rb") as f:
+                _, _, plan = _plan(f, plan)
+        except LTXError as exc:
+            raise _prefixed(exc, path) from exc
+    assert plan is not None
+
+    last = headers[-1]
+    if last.commit == 0:
+        # The last transaction deleted the database: the file goes away.
+        if exists:
+            db_path.unlink()
+            fsync_dir(db_path.parent)
+        return last.max_txid, CHECKSUM_FLAG
+    fd = os.open(db_path, os.O_RDWR | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "r+b") as db:
+        for path in ltx_paths:
+            with open(path, "rb") as f:
+                _write_pages(db, f)
+        os.fsync(db.fileno())
+    if not exists:
+        fsync_dir(db_path.parent)
+    return last.max_txid, plan.total
+
+
+def read_sqlite_page_size(header: bytes, name: str = "database") -> int:
+    """Page size from the first 100 bytes of a SQLite database (SQLiteFormatError if not one)."""
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        raise SQLiteFormatError(f"{name}: not a SQLite database (no 'SQLite format 3' header)")
+    raw = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if raw == 1 else raw
+    if not is_valid_page_size(page_size):
+        raise SQLiteFormatError(f"{name}: invalid page size {raw} in the SQLite header")
+    return page_size
+
+
+def encode_database(
+    db_path: StrPath,
+    out_path: StrPath,
+    *,
+    txid: int = 1,
+    compress: bool = True,
+    node_id: int = 0,
+    timestamp_ms: int | None = None,
+) -> tuple[Header, Trailer]:
+    """Write the database file at db_path as an LTX snapshot (TXIDs 1..txid) to out_path.
+
+    Reads only the main database file: the caller keeps writers out and
+    checkpoints any WAL first.  The lock page is skipped.  out_path is
+    written durably (temp name, fsync, rename, fsync dir).
+    """
+    name = os.fspath(db_path)
+    with open(db_path, "rb") as db:
+        size = os.fstat(db.fileno()).st_size
+        page_size = read_sqlite_page_size(db.read(100), name)
+        if size % page_size:
+            raise SQLiteFormatError(
+                f"{name}: size {size} is not a whole number of {page_size}-byte pages"
+            )
+        page_count = size // page_size
+        if page_count > _MAX_COMMIT:
+            raise SQLiteFormatError(f"{name}: {page_count} pages is more than LTX can hold")
+        if timestamp_ms is None:
+            timestamp_ms = time.time_ns() // 1_000_000
+        header = Header(
+            flags=FLAG_COMPRESS if compress else 0,
+            page_size=page_size,
+            commit=page_count,
+            min_txid=1,
+            max_txid=txid,
+            timestamp=timestamp_ms,
+            pre_apply_checksum=0,
+            wal_offset=0,
+            wal_size=0,
+            wal_salt1=0,
+            wal_salt2=0,
+            node_id=node_id,
+        )
+        with atomic_write(out_path) as out:
+            trailer = _encode_pages(db, out, header, name)
+    return header, trailer
+
+
+def _encode_pages(db: BinaryIO, out: BinaryIO, header: Header, name: str) -> Trailer:
+    """Stream every page of db into an Encoder, summing page checksums on the way."""
+    page_size = header.page_size
+    page_count = header.commit
+    lock = lock_pgno(page_size)
+    enc = Encoder(out, header)
+    per_chunk = max(1, READ_CHUNK // page_size)
+    buf = bytearray(per_chunk * page_size)
+    view = memoryview(buf)
+    write_page = enc.write_page
+    xor = 0
+    pgno = 1
+    db.seek(0)
+    while pgno <= page_count:
+        n = min(per_chunk, page_count - pgno + 1)
+        want = n * page_size
+        if read_exactly_into(db, view[:want]) != want:
+            raise SQLiteFormatError(f"{name}: database shrank while it was being encoded")
+        off = 0
+        for p in range(pgno, pgno + n):
+            if p != lock:
+                page = view[off : off + page_size]
+                xor ^= page_checksum(p, page)
+                write_page(p, page)
+            off += page_size
+        pgno += n
+    return enc.finish(CHECKSUM_FLAG | xor)
+
+
+def describe_position(header: Header, trailer: Trailer) -> str:
+    """`TXID/checksum` position a file leads to, as written in `NAME-pos` files."""
+    return format_pos(header.max_txid, trailer.post_apply_checksum)
