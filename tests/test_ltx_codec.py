@@ -415,3 +415,46 @@ def test_large_compressible_body_streams(tmp_path: Path) -> None:
     write_ltx_file(path, header, pages, sums.total)
     assert path.stat().st_size < 1 << 20
     assert verify_file(path)[0] == header
+
+
+class Dribble(io.RawIOBase):
+    """A stream that returns at most a few bytes per read, like a slow pipe."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._src = io.BytesIO(data)
+        self._step = step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = self._src.read(min(len(b), self._step))
+        b[: len(chunk)] = chunk
+        return len(chunk)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("step", [1, 7, 4099])
+def test_decoder_handles_short_reads(compress: bool, step: int) -> None:
+    header = make_header(page_size=1024, commit=9, compress=compress)
+    pages = snapshot_pages(header)
+    raw, trailer = encode(header, pages)
+    dec = Decoder(Dribble(raw, step))  # type: ignore[arg-type]
+    assert list(dec.pages()) == pages
+    assert dec.trailer == trailer
+
+
+def test_decoder_rejects_data_after_terminator_inside_lz4_frame() -> None:
+    import lz4.frame
+
+    from litefspy.ltx.checksum import crc64
+
+    header = make_header(snapshot=False, commit=2, compress=True)
+    body = struct.pack(">I", 1) + bytes(512) + bytes(4)
+    raw_header = header.encode()
+    post = CHECKSUM_FLAG | 1
+    crc = crc64(post.to_bytes(8, "big"), crc64(body, crc64(raw_header)))
+    stored = lz4.frame.compress(body + b"extra")
+    raw = raw_header + stored + Trailer(post, CHECKSUM_FLAG | crc).encode()
+    with pytest.raises(LTXError, match="after the page-block terminator"):
+        decode(raw)

@@ -25,7 +25,6 @@ from litefspy.ltx.format import (
     FLAG_COMPRESS,
     Header,
     Trailer,
-    format_pos,
     is_valid_page_size,
     lock_pgno,
 )
@@ -297,8 +296,3 @@ def _encode_pages(db: BinaryIO, out: BinaryIO, header: Header, name: str) -> Tra
             off += page_size
         pgno += n
     return enc.finish(CHECKSUM_FLAG | xor)
-
-
-def describe_position(header: Header, trailer: Trailer) -> str:
-    """`TXID/checksum` position a file leads to, as written in `NAME-pos` files."""
-    return format_pos(header.max_txid, trailer.post_apply_checksum)
