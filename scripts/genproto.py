@@ -25,8 +25,12 @@ def generate(out_dir: Path) -> list[Path]:
     if not protos:
         return []
     include = Path(protoc.__file__).parent / "_proto"
+    # The mypy plugin is a console script next to this interpreter: name it
+    # explicitly so generation works without an activated venv (make, CI).
+    mypy_plugin = Path(sys.executable).parent / "protoc-gen-mypy"
     args = [
         "protoc",
+        f"--plugin=protoc-gen-mypy={mypy_plugin}",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_dir}",
