@@ -250,7 +250,9 @@ class StatusReply(_message.Message):
     def node(self) -> Global___NodeInfo: ...
     @_builtins.property
     def primary(self) -> Global___NodeInfo:
-        """Unset when this node is the primary or knows no primary."""
+        """The primary (this node itself on the primary); unset while a replica is
+        not connected to one.
+        """
 
     @_builtins.property
     def lease(self) -> Global___LeaseStatus: ...

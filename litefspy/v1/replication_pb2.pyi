@@ -63,6 +63,7 @@ class StreamRequest(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     POSITIONS_FIELD_NUMBER: _builtins.int
     ADVERTISE_URL_FIELD_NUMBER: _builtins.int
+    OFFLINE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     """The replica's node id (LTX node id); the primary refuses its own."""
     cluster_id: _builtins.str
@@ -76,6 +77,12 @@ class StreamRequest(_message.Message):
         snapshot from the primary.
         """
 
+    @_builtins.property
+    def offline(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Databases the replica holds offline (its startup recovery refused them):
+        the primary leaves them alone instead of sending snapshots it cannot apply.
+        """
+
     def __init__(
         self,
         *,
@@ -84,10 +91,11 @@ class StreamRequest(_message.Message):
         hostname: _builtins.str = ...,
         positions: _abc.Iterable[Global___Position] | None = ...,
         advertise_url: _builtins.str = ...,
+        offline: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_url", b"advertise_url", "cluster_id", b"cluster_id", "hostname", b"hostname", "node_id", b"node_id", "positions", b"positions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_url", b"advertise_url", "cluster_id", b"cluster_id", "hostname", b"hostname", "node_id", b"node_id", "offline", b"offline", "positions", b"positions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,461 @@
+"""The one module that imports grpc (DESIGN.md decision 8).
+
+grpcio speaks threads (and asyncio), litefspy speaks trio. This module keeps the
+seam narrow:
+
+* `GRPCServer` runs a `grpc.server` on a thread pool. Each servicer method is a
+  short adapter: a server-streaming RPC starts a trio task (the stream handler)
+  in the server's nursery and yields the frames that task sends into a trio
+  memory channel, pulling them one at a time with `trio.from_thread.run`, so
+  gRPC's flow control reaches the handler as ordinary channel backpressure.
+  When the client goes away, gRPC's termination callback cancels the task.
+  A unary RPC runs its handler on the trio loop and returns the reply.
+* `open_stream` is the client side: a worker thread iterates the blocking
+  response iterator and hands each frame to trio through a memory channel;
+  leaving the context cancels the call, which unblocks that thread.
+
+Handlers on the trio side never see grpc types; they raise `RPCRefused` to end
+an RPC with a status code and a one-line message.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import grpc
+import trio
+
+from litefspy.errors import LitefspyError, ReplicationError
+from litefspy.logs import kv
+from litefspy.v1 import admin_pb2, replication_pb2
+
+log = logging.getLogger(__name__)
+
+_REPLICATION = replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name
+_ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+STREAM_METHOD = f"/{_REPLICATION}/Stream"
+STATUS_METHOD = f"/{_ADMIN}/Status"
+DEFAULT_PORT = 20202
+# Frames queued between the trio side and gRPC. Small: a frame can be 1 MiB.
+_CHANNEL_DEPTH = 2
+# One thread per open stream plus unary calls; replicas beyond this wait.
+MAX_WORKERS = 64
+
+_SERVER_OPTIONS = [
+    # gRPC sets SO_REUSEPORT by default, which would let a second node silently
+    # share (and steal connections from) this node's port.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_send_message_length", 8 << 20),
+    ("grpc.max_receive_message_length", 8 << 20),
+]
+_CLIENT_OPTIONS = [
+    ("grpc.max_send_message_length", 8 << 20),
+    ("grpc.max_receive_message_length", 8 << 20),
+]
+
+
+class Code(enum.Enum):
+    """The status codes handlers may end an RPC with."""
+
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAVAILABLE = "UNAVAILABLE"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    INTERNAL = "INTERNAL"
+
+    def to_grpc(self) -> Any:
+        return getattr(grpc.StatusCode, self.value)
+
+
+class RPCRefused(ReplicationError):
+    """Raised by a trio-side handler: end the RPC with `code` and this message."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteError(ReplicationError):
+    """A gRPC call failed; `code` is the status code name (e.g. "UNAVAILABLE")."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+Frame = replication_pb2.StreamFrame
+
+
+class StreamHandler(Protocol):
+    """Trio side of `Replication.Stream`: send frames until done (or cancelled)."""
+
+    async def __call__(
+        self,
+        request: replication_pb2.StreamRequest,
+        peer: str,
+        send: trio.MemorySendChannel[Frame],
+    ) -> None: ...
+
+
+StatusHandler = Callable[[], Awaitable[admin_pb2.StatusReply]]
+
+
+@dataclass
+class _Failure:
+    code: Code
+    message: str
+
+
+class _StreamTask:
+    """Links one gRPC stream to its trio task, so either side can end the other."""
+
+    def __init__(self) -> None:
+        self.scope: trio.CancelScope | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Trio thread only."""
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+# ------------------------------------------------------------------ addresses
+
+
+def grpc_target(url: str) -> tuple[str, bool]:
+    """`http://host:port` (or `host:port`) -> (`host:port`, tls)."""
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https", "grpc"):
+        raise LitefspyError(f"unsupported URL scheme in {url!r}: use http://HOST:PORT")
+    if not parts.hostname:
+        raise LitefspyError(f"no host in URL {url!r}: use http://HOST:PORT")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError as exc:
+        raise LitefspyError(f"invalid port in URL {url!r}") from exc
+    host = parts.hostname
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}", parts.scheme == "https"
+
+
+def _channel(url: str) -> Any:
+    target, tls = grpc_target(url)
+    if tls:
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=_CLIENT_OPTIONS)
+    return grpc.insecure_channel(target, options=_CLIENT_OPTIONS)
+
+
+def _describe_rpc_error(exc: Any, url: str) -> RemoteError:
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    details = exc.details() if callable(getattr(exc, "details", None)) else None
+    name = code.name if code is not None else "UNKNOWN"
+    if name == "UNAVAILABLE":
+        return RemoteError(name, f"cannot reach litefspy node at {url} ({details or name})")
+    if name == "DEADLINE_EXCEEDED":
+        return RemoteError(name, f"litefspy node at {url} did not answer in time")
+    return RemoteError(name, f"{url}: {details or name}")
+
+
+# --------------------------------------------------------------------- server
+
+
+class GRPCServer:
+    """The node's gRPC server (replication + admin), driven from trio.
+
+    Run `serve` with `nursery.start`: it binds (raising LitefspyError if the
+    address is taken), reports started, and serves until cancelled or `stop`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        stream_handler: StreamHandler,
+        status_handler: StatusHandler,
+        max_workers: int = MAX_WORKERS,
+    ) -> None:
+        self.address = address
+        self._stream_handler = stream_handler
+        self._status_handler = status_handler
+        self._max_workers = max_workers
+        self._server: Any = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._tasks: set[_StreamTask] = set()
+        self.port = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, start, serve until cancelled; always stops the gRPC server."""
+        self._token = trio.lowlevel.current_trio_token()
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="grpc"),
+            options=_SERVER_OPTIONS,
+        )
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    _REPLICATION,
+                    {
+                        "Stream": grpc.unary_stream_rpc_method_handler(
+                            self._stream,
+                            request_deserializer=replication_pb2.StreamRequest.FromString,
+                            response_serializer=Frame.SerializeToString,
+                        )
+                    },
+                ),
+                grpc.method_handlers_generic_handler(
+                    _ADMIN,
+                    {
+                        "Status": grpc.unary_unary_rpc_method_handler(
+                            self._status,
+                            request_deserializer=admin_pb2.StatusRequest.FromString,
+                            response_serializer=admin_pb2.StatusReply.SerializeToString,
+                        )
+                    },
+                ),
+            )
+        )
+        try:
+            self.port = server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            self.port = 0
+            detail = f" ({exc})"
+        else:
+            detail = ""
+        if not self.port:
+            server.stop(None)
+            raise LitefspyError(
+                f"cannot listen on grpc.addr {self.address}{detail}: is another node "
+                "using the port? Change grpc.addr in fuse.yml"
+            )
+        self._server = server
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                server.start()
+                log.info("gRPC listening %s", kv(addr=self.address))
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self._stop_server(grace=0.5)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """End every stream task, then stop the server (waiting `grace` for RPCs)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await self._stop_server(grace)
+
+    async def _stop_server(self, grace: float) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        for task in list(self._tasks):
+            task.cancel()
+        done: threading.Event = server.stop(grace)
+        await trio.to_thread.run_sync(done.wait, grace + 5.0)
+        log.info("gRPC stopped %s", kv(addr=self.address))
+
+    # ---------------------------------------------------------- gRPC threads
+
+    def _stream(self, request: replication_pb2.StreamRequest, context: Any) -> Iterator[Frame]:
+        """Servicer of Replication.Stream (a gRPC pool thread)."""
+        token = self._token
+        assert token is not None
+        send, recv = trio.open_memory_channel[Frame | _Failure](_CHANNEL_DEPTH)
+        task = _StreamTask()
+        peer = str(context.peer())
+        try:
+            trio.from_thread.run_sync(self._spawn, request, peer, send, task, trio_token=token)
+        except (trio.RunFinishedError, RuntimeError):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+
+        def on_done() -> None:
+            self._call_trio(task.cancel)
+
+        if not context.add_callback(on_done):
+            on_done()
+        try:
+            while True:
+                try:
+                    item = trio.from_thread.run(recv.receive, trio_token=token)
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+                except (trio.RunFinishedError, trio.Cancelled):
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+                    return
+                if isinstance(item, _Failure):
+                    context.abort(item.code.to_grpc(), item.message)
+                    return
+                yield item
+        finally:
+            self._call_trio(task.cancel)
+            self._call_trio(recv.close)
+
+    def _call_trio(self, fn: Callable[[], object]) -> None:
+        token = self._token
+        if token is None:
+            return
+        try:
+            trio.from_thread.run_sync(fn, trio_token=token)
+        except (trio.RunFinishedError, RuntimeError):
+            pass
+
+    def _spawn(
+        self,
+        request: replication_pb2.StreamRequest,
+        peer: str,
+        send: trio.MemorySendChannel[Frame | _Failure],
+        task: _StreamTask,
+    ) -> None:
+        if self._nursery is None:
+            raise RuntimeError("server is not running")
+        self._nursery.start_soon(self._run_stream, request, peer, send, task)
+
+    async def _run_stream(
+        self,
+        request: replication_pb2.StreamRequest,
+        peer: str,
+        send: trio.MemorySendChannel[Frame | _Failure],
+        task: _StreamTask,
+    ) -> None:
+        self._tasks.add(task)
+        try:
+            async with send:
+                with trio.CancelScope() as scope:
+                    task.scope = scope
+                    if task.cancelled:
+                        scope.cancel()
+                    failure: _Failure | None = None
+                    try:
+                        await self._stream_handler(request, peer, send)
+                    except RPCRefused as exc:
+                        failure = _Failure(exc.code, str(exc))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the replica went away
+                    except Exception as exc:
+                        log.exception("replication stream failed %s", kv(peer=peer))
+                        failure = _Failure(Code.INTERNAL, f"replication stream failed: {exc}")
+                    if failure is not None:
+                        try:
+                            await send.send(failure)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+        finally:
+            self._tasks.discard(task)
+
+    def _status(self, request: admin_pb2.StatusRequest, context: Any) -> admin_pb2.StatusReply:
+        """Servicer of Admin.Status (a gRPC pool thread)."""
+        del request
+        token = self._token
+        assert token is not None
+        try:
+            return trio.from_thread.run(self._status_handler, trio_token=token)
+        except (trio.RunFinishedError, trio.Cancelled):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+            raise
+        except LitefspyError as exc:
+            context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            raise
+
+
+# --------------------------------------------------------------------- client
+
+
+class FrameStream:
+    """Frames of one open `Replication.Stream`, received in trio."""
+
+    def __init__(self, recv: trio.MemoryReceiveChannel[Frame | ReplicationError], url: str):
+        self._recv = recv
+        self.url = url
+
+    async def receive(self) -> Frame:
+        """The next frame; ReplicationError when the stream fails or ends."""
+        try:
+            item = await self._recv.receive()
+        except trio.EndOfChannel:
+            raise ReplicationError(f"primary {self.url} closed the stream") from None
+        if isinstance(item, ReplicationError):
+            raise item
+        return item
+
+
+@asynccontextmanager
+async def open_stream(
+    url: str, request: replication_pb2.StreamRequest
+) -> AsyncIterator[FrameStream]:
+    """Open `Replication.Stream` at `url`; leaving the block cancels the call."""
+    channel = _channel(url)
+    call = channel.unary_stream(
+        STREAM_METHOD,
+        request_serializer=replication_pb2.StreamRequest.SerializeToString,
+        response_deserializer=Frame.FromString,
+    )(request)
+    send, recv = trio.open_memory_channel[Frame | ReplicationError](_CHANNEL_DEPTH)
+
+    def pump() -> None:
+        """Worker thread: blocking iteration of the response stream."""
+        final: ReplicationError | None = None
+        try:
+            for frame in call:
+                trio.from_thread.run(send.send, frame)
+        except grpc.RpcError as exc:
+            final = _describe_rpc_error(exc, url)
+        except (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError):
+            return
+        except trio.ClosedResourceError:
+            return
+        try:
+            if final is not None:
+                trio.from_thread.run(send.send, final)
+            trio.from_thread.run_sync(send.close)
+        except (
+            trio.Cancelled,
+            trio.RunFinishedError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ):
+            pass
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.to_thread.run_sync, pump, abandon_on_cancel=True))
+            try:
+                yield FrameStream(recv, url)
+            finally:
+                call.cancel()
+                recv.close()
+                nursery.cancel_scope.cancel()
+    finally:
+        channel.close()
+
+
+def fetch_status(url: str, timeout: float = 5.0) -> admin_pb2.StatusReply:
+    """Blocking `Admin.Status` call (for the CLI); RemoteError when unreachable."""
+    channel = _channel(url)
+    try:
+        method = channel.unary_unary(
+            STATUS_METHOD,
+            request_serializer=admin_pb2.StatusRequest.SerializeToString,
+            response_deserializer=admin_pb2.StatusReply.FromString,
+        )
+        try:
+            reply: admin_pb2.StatusReply = method(admin_pb2.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _describe_rpc_error(exc, url) from None
+        return reply
+    finally:
+        channel.close()
