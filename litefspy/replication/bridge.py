@@ -22,23 +22,31 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import grpc
 import trio
+
+# grpc's C core logs connection events (GOAWAY, ...) to stderr at INFO unless told
+# otherwise; litefspy reports what matters through its own logs.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc
 
 from litefspy.errors import LitefspyError, ReplicationError
 from litefspy.logs import kv
 from litefspy.v1 import admin_pb2, replication_pb2
 
 log = logging.getLogger(__name__)
+# grpc logs a traceback when a message does not deserialize; the RPC then fails
+# with INTERNAL and litefspy logs that failure itself, in one line.
+logging.getLogger("grpc._common").setLevel(logging.CRITICAL)
 
 _REPLICATION = replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name
 _ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -165,7 +173,7 @@ def _describe_rpc_error(exc: Any, url: str) -> RemoteError:
         return RemoteError(name, f"cannot reach litefspy node at {url} ({details or name})")
     if name == "DEADLINE_EXCEEDED":
         return RemoteError(name, f"litefspy node at {url} did not answer in time")
-    return RemoteError(name, f"{url}: {details or name}")
+    return RemoteError(name, f"{url} failed the call: {details or name} ({name})")
 
 
 # --------------------------------------------------------------------- server
@@ -397,7 +405,13 @@ class FrameStream:
 async def open_stream(
     url: str, request: replication_pb2.StreamRequest
 ) -> AsyncIterator[FrameStream]:
-    """Open `Replication.Stream` at `url`; leaving the block cancels the call."""
+    """Open `Replication.Stream` at `url`; leaving the block cancels the call.
+
+    The blocking iteration runs in a thread of its own (not a nursery task, so
+    errors raised in the caller's block reach the caller unwrapped); cancelling
+    the call on exit is what ends that thread.
+    """
+    token = trio.lowlevel.current_trio_token()
     channel = _channel(url)
     call = channel.unary_stream(
         STREAM_METHOD,
@@ -407,40 +421,39 @@ async def open_stream(
     send, recv = trio.open_memory_channel[Frame | ReplicationError](_CHANNEL_DEPTH)
 
     def pump() -> None:
-        """Worker thread: blocking iteration of the response stream."""
         final: ReplicationError | None = None
         try:
             for frame in call:
-                trio.from_thread.run(send.send, frame)
+                trio.from_thread.run(send.send, frame, trio_token=token)
         except grpc.RpcError as exc:
             final = _describe_rpc_error(exc, url)
-        except (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError):
-            return
-        except trio.ClosedResourceError:
-            return
+        except _GONE:
+            return  # the trio side left (recv closed) or the run ended
         try:
             if final is not None:
-                trio.from_thread.run(send.send, final)
-            trio.from_thread.run_sync(send.close)
-        except (
-            trio.Cancelled,
-            trio.RunFinishedError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-        ):
+                trio.from_thread.run(send.send, final, trio_token=token)
+            trio.from_thread.run_sync(send.close, trio_token=token)
+        except _GONE:
             pass
 
+    def done(outcome: object) -> None:
+        del outcome  # pump handles everything it expects; see _GONE
+
+    trio.lowlevel.start_thread_soon(pump, done, name="litefspy replication stream")
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(trio.to_thread.run_sync, pump, abandon_on_cancel=True))
-            try:
-                yield FrameStream(recv, url)
-            finally:
-                call.cancel()
-                recv.close()
-                nursery.cancel_scope.cancel()
+        yield FrameStream(recv, url)
     finally:
+        call.cancel()
+        recv.close()
         channel.close()
+
+
+_GONE = (
+    trio.Cancelled,
+    trio.RunFinishedError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
 
 
 def fetch_status(url: str, timeout: float = 5.0) -> admin_pb2.StatusReply:

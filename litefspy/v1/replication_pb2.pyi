@@ -192,6 +192,7 @@ class LTXChunk(_message.Message):
     FIRST_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Database name."""
     data: _builtins.bytes
@@ -201,6 +202,10 @@ class LTXChunk(_message.Message):
     """Last chunk of a file (the replica verifies and applies it)."""
     size: _builtins.int
     """Total size of the file in bytes (set on the first chunk)."""
+    snapshot: _builtins.bool
+    """Set on the first chunk of a snapshot the primary built for this replica
+    (because it had no usable position), as opposed to a file from the history.
+    """
     def __init__(
         self,
         *,
@@ -209,10 +214,11 @@ class LTXChunk(_message.Message):
         first: _builtins.bool = ...,
         last: _builtins.bool = ...,
         size: _builtins.int = ...,
+        snapshot: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "first", b"first", "last", b"last", "name", b"name", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "first", b"first", "last", b"last", "name", b"name", "size", b"size", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
