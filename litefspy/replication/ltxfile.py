@@ -29,13 +29,16 @@ class OpenLTX:
     size: int
     header: Header
     trailer: Trailer
+    # The first chunk, read when opening (one thread hop for a small file);
+    # the file position is right after it.
+    head: bytes
 
     def close(self) -> None:
         self.file.close()
 
 
-def open_ltx(path: os.PathLike[str] | str) -> OpenLTX:
-    """Open an LTX file and read its header and trailer (FileNotFoundError if gone)."""
+def open_ltx(path: os.PathLike[str] | str, chunk_size: int = CHUNK_SIZE) -> OpenLTX:
+    """Open an LTX file, read its header, trailer and first chunk (FileNotFoundError if gone)."""
     f = open(path, "rb")  # noqa: SIM115 - owned by the returned OpenLTX
     try:
         size = os.fstat(f.fileno()).st_size
@@ -44,7 +47,8 @@ def open_ltx(path: os.PathLike[str] | str) -> OpenLTX:
         header = Header.decode(os.pread(f.fileno(), HEADER_SIZE, 0))
         trailer = Trailer.decode(os.pread(f.fileno(), TRAILER_SIZE, size - TRAILER_SIZE))
         trailer.validate(header.commit)
+        head = f.read(chunk_size)
     except BaseException:
         f.close()
         raise
-    return OpenLTX(f, size, header, trailer)
+    return OpenLTX(f, size, header, trailer, head)

@@ -1,0 +1,358 @@
+"""Primary side of replication: one catch-up-then-follow session per replica stream.
+
+Per database, a session compares the replica's position with the primary's:
+
+* equal: nothing to send;
+* the LTX file that starts at the replica's TXID + 1 exists and its pre-apply
+  checksum equals the replica's checksum: send the files, in order;
+* anything else (no position, retention removed the file, replica ahead, same
+  TXID with another checksum): send a snapshot built on the fly by the store
+  (`Store.snapshot`), then continue with files.
+
+The session then remembers what it sent as the replica's position: if the
+replica fails to apply anything it drops the stream, and its next stream starts
+again from its real positions.
+
+Commits never wait for replicas: the store's listener only sets each session's
+wake-up event, and every session catches up from the LTX files on disk at its
+own pace.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from litefspy.errors import DatabaseError, LTXError, NotFoundError
+from litefspy.logs import kv
+from litefspy.replication.bridge import Code, Frame, RPCRefused
+from litefspy.replication.ltxfile import CHUNK_SIZE, OpenLTX, open_ltx
+from litefspy.store.database import CommitInfo, Database, Position
+from litefspy.store.store import Store
+from litefspy.v1 import replication_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0
+# A replica without a position for a database gets its files from TXID 1 if
+# the primary still has them all and there are at most this many; a snapshot
+# otherwise. (A database created while the replica is connected thus arrives
+# as its first file, not as a snapshot.)
+MAX_FILES_FROM_START = 16
+
+
+@dataclass(frozen=True)
+class PrimaryIdentity:
+    """How the primary introduces itself in Hello."""
+
+    node_id: int
+    hostname: str
+    advertise_url: str
+
+
+@dataclass
+class ReplicaSession:
+    """One connected replica, as the primary sees it (shown by `litefspy status`)."""
+
+    node_id: int
+    hostname: str
+    advertise_url: str
+    peer: str
+    connected_at_ms: int
+    # What the primary has sent: the replica's position once it has applied it.
+    positions: dict[str, Position] = field(default_factory=dict)
+    files_sent: int = 0
+    snapshots_sent: int = 0
+    bytes_sent: int = 0
+    ready: bool = False
+    wake: trio.Event = field(default_factory=trio.Event)
+    # Deleted databases this replica cannot follow (it diverged before the delete).
+    skipped: set[str] = field(default_factory=set)
+
+
+class ReplicationServer:
+    """Serves `Replication.Stream` on the primary (the bridge's StreamHandler)."""
+
+    def __init__(
+        self,
+        store: Store,
+        identity: PrimaryIdentity,
+        *,
+        cluster_id: str,
+        epoch: int,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        self.store = store
+        self.identity = identity
+        self.cluster_id = cluster_id
+        self.epoch = epoch
+        self.heartbeat_interval = heartbeat_interval
+        self.chunk_size = chunk_size
+        self.sessions: list[ReplicaSession] = []
+        self._ending: str | None = None
+        self._no_sessions = trio.Event()
+        self._unsubscribe = store.subscribe(self._on_commit)
+
+    def close(self) -> None:
+        """Stop listening to commits."""
+        self._unsubscribe()
+
+    def _on_commit(self, info: CommitInfo) -> None:
+        # Runs inside the FUSE handler that committed: only wake the sessions.
+        del info
+        for session in self.sessions:
+            session.wake.set()
+
+    async def shutdown(self, reason: str, grace: float = 2.0) -> None:
+        """Tell every replica the stream ends (End frame); wait up to `grace` seconds."""
+        self._ending = reason
+        for session in self.sessions:
+            session.wake.set()
+        with trio.move_on_after(grace):
+            if self.sessions:
+                await self._no_sessions.wait()
+
+    # ------------------------------------------------------------- streams
+
+    async def stream(
+        self, request: pb.StreamRequest, peer: str, send: trio.MemorySendChannel[Frame]
+    ) -> None:
+        """Serve one replica until it goes away or the primary shuts down."""
+        self._check_request(request, peer)
+        session = ReplicaSession(
+            node_id=request.node_id,
+            hostname=request.hostname,
+            advertise_url=request.advertise_url,
+            peer=peer,
+            connected_at_ms=int(time.time() * 1000),
+            positions={
+                p.name: Position(p.txid, p.checksum) for p in request.positions if p.txid > 0
+            },
+        )
+        ctx = kv(replica=f"{request.node_id:016X}", hostname=request.hostname, peer=peer)
+        log.info("replica connected %s", ctx)
+        self.sessions.append(session)
+        try:
+            await send.send(
+                Frame(
+                    hello=pb.Hello(
+                        node_id=self.identity.node_id,
+                        hostname=self.identity.hostname,
+                        advertise_url=self.identity.advertise_url,
+                        cluster_id=self.cluster_id,
+                        epoch=self.epoch,
+                    )
+                )
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats, send)
+                await self._follow(session, send)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.sessions.remove(session)
+            if not self.sessions:
+                self._no_sessions.set()
+                self._no_sessions = trio.Event()
+            log.info(
+                "replica disconnected %s",
+                f"{ctx} {kv(files=session.files_sent, snapshots=session.snapshots_sent)}",
+            )
+
+    def _check_request(self, request: pb.StreamRequest, peer: str) -> None:
+        if request.node_id == self.identity.node_id:
+            raise RPCRefused(
+                Code.FAILED_PRECONDITION,
+                f"node {self.identity.hostname} ({request.node_id:016X}) refuses to replicate "
+                "from itself: the replica's lease.advertise-url points at this node",
+            )
+        if request.cluster_id and request.cluster_id != self.cluster_id:
+            log.error(
+                "replica from another cluster refused %s",
+                kv(peer=peer, replica_cluster=request.cluster_id, cluster=self.cluster_id),
+            )
+            raise RPCRefused(
+                Code.FAILED_PRECONDITION,
+                f"cluster id mismatch: replica {request.hostname} belongs to cluster "
+                f"{request.cluster_id}, primary {self.identity.hostname} to {self.cluster_id}; "
+                "a node joins one cluster only (move its data.dir aside to join this one)",
+            )
+        if self._ending is not None:
+            raise RPCRefused(Code.UNAVAILABLE, f"primary is {self._ending}")
+
+    async def _heartbeats(self, send: trio.MemorySendChannel[Frame]) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            await send.send(Frame(heartbeat=pb.Heartbeat(unix_ms=int(time.time() * 1000))))
+
+    async def _follow(self, session: ReplicaSession, send: trio.MemorySendChannel[Frame]) -> None:
+        while True:
+            # A fresh event before looking: a commit from now on wakes the next wait.
+            session.wake = trio.Event()
+            if self._ending is not None:
+                await send.send(Frame(end=pb.End(reason=self._ending)))
+                return
+            for db in self.store.databases():
+                await self._sync_database(session, db, send)
+                if self._ending is not None:
+                    break
+            if not session.ready and self._ending is None:
+                session.ready = True
+                await send.send(Frame(ready=pb.Ready()))
+                log.info(
+                    "replica caught up %s",
+                    kv(replica=session.hostname, databases=len(session.positions)),
+                )
+            await session.wake.wait()
+
+    # --------------------------------------------------------- per database
+
+    async def _sync_database(
+        self, session: ReplicaSession, db: Database, send: trio.MemorySendChannel[Frame]
+    ) -> None:
+        name = db.name
+        while self._ending is None:
+            target = db.pos
+            have = session.positions.get(name)
+            if target.txid == 0 or have == target:
+                return
+            if not db.exists() and have is None:
+                return  # deleted before this replica ever had it
+            opened = await self._next_file(session, db, have, target)
+            if opened is not None:
+                await self._send_open(session, name, opened, send, snapshot=False)
+                continue
+            if not db.exists():
+                if name not in session.skipped:
+                    session.skipped.add(name)
+                    log.warning(
+                        "database was deleted on the primary but the replica's history "
+                        "diverged before that; leaving its copy alone %s",
+                        kv(db=name, replica=session.hostname, replica_pos=have),
+                    )
+                return
+            await self._send_snapshot(session, db, send)
+
+    async def _next_file(
+        self, session: ReplicaSession, db: Database, have: Position | None, target: Position
+    ) -> OpenLTX | None:
+        """The file that continues the replica's position, opened; None if there is none."""
+        if have is None:
+            if target.txid > MAX_FILES_FROM_START:
+                return None
+            have = Position(0, 0)
+        if have.txid >= target.txid:
+            return None  # replica ahead
+        opened = await trio.to_thread.run_sync(
+            _open_continuation, db, have.txid + 1, self.chunk_size
+        )
+        if opened is None:
+            return None
+        header = opened.header
+        if header.pre_apply_checksum != have.checksum:
+            log.info(
+                "replica history differs from the primary's; sending a snapshot %s",
+                kv(
+                    db=db.name,
+                    replica=session.hostname,
+                    replica_pos=have,
+                    pre_apply=f"{header.pre_apply_checksum:016x}",
+                ),
+            )
+            opened.close()
+            return None
+        return opened
+
+    async def _send_snapshot(
+        self, session: ReplicaSession, db: Database, send: trio.MemorySendChannel[Frame]
+    ) -> None:
+        name = db.name
+        log.info(
+            "sending snapshot %s",
+            kv(db=name, replica=session.hostname, replica_pos=session.positions.get(name)),
+        )
+        try:
+            path = await self.store.snapshot(name)
+        except (NotFoundError, DatabaseError) as exc:
+            # Deleted or changed under us: the next pass looks again.
+            log.warning("snapshot failed %s: %s", kv(db=name), exc)
+            await trio.sleep(0.1)
+            return
+        try:
+            opened = await trio.to_thread.run_sync(open_ltx, path, self.chunk_size)
+        finally:
+            path.unlink(missing_ok=True)
+        await self._send_open(session, name, opened, send, snapshot=True)
+
+    async def _send_open(
+        self,
+        session: ReplicaSession,
+        name: str,
+        opened: OpenLTX,
+        send: trio.MemorySendChannel[Frame],
+        *,
+        snapshot: bool,
+    ) -> None:
+        """Send one opened LTX file as chunks, then record the replica's new position."""
+        try:
+            data = opened.head
+            offset = len(data)
+            first = True
+            while True:
+                last = offset >= opened.size
+                chunk = pb.LTXChunk(
+                    name=name,
+                    data=data,
+                    first=first,
+                    last=last,
+                    size=opened.size if first else 0,
+                    snapshot=snapshot and first,
+                )
+                await send.send(Frame(ltx=chunk))
+                if last:
+                    break
+                first = False
+                data = await trio.to_thread.run_sync(opened.file.read, self.chunk_size)
+                if not data:
+                    raise LTXError(f"LTX file for {name} shrank while being sent")
+                offset += len(data)
+        finally:
+            opened.close()
+        header, trailer = opened.header, opened.trailer
+        session.positions[name] = Position(header.max_txid, trailer.post_apply_checksum)
+        session.files_sent += 1
+        session.bytes_sent += opened.size
+        if snapshot:
+            session.snapshots_sent += 1
+        log.debug(
+            "sent %s",
+            kv(
+                db=name,
+                replica=session.hostname,
+                txid=f"{header.min_txid:016x}-{header.max_txid:016x}",
+                bytes=opened.size,
+                snapshot=snapshot,
+            ),
+        )
+
+
+def _open_continuation(db: Database, txid: int, chunk_size: int) -> OpenLTX | None:
+    """Open the LTX file of `db` whose range starts at `txid` (worker thread).
+
+    None when there is none (retention removed it) or it cannot be read: the
+    caller then sends a snapshot, which is always possible.
+    """
+    path = db.ltx_path(txid, txid)
+    if not path.exists():
+        # Files covering several TXIDs (compaction) are found by listing.
+        path = next((p for lo, _hi, p in db.ltx_files() if lo == txid), path)
+    try:
+        return open_ltx(path, chunk_size)
+    except FileNotFoundError:
+        return None
+    except (OSError, LTXError) as exc:
+        log.error("cannot read LTX file, sending a snapshot instead %s: %s", kv(db=db.name), exc)
+        return None

@@ -1,0 +1,259 @@
+"""`Admin.Status`: what a node reports about itself, and its JSON form.
+
+`StatusService.reply` builds the protobuf reply on the node (trio side);
+`status_to_dict` turns a reply into the object `litefspy status --json` prints
+(docs/INTERFACE.md), so the CLI and tests share one definition of the fields.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from litefspy.errors import SQLiteFormatError
+from litefspy.replication.client import ReplicationClient
+from litefspy.replication.server import ReplicationServer
+from litefspy.sqlite.header import HEADER_SIZE, parse_database_header
+from litefspy.store.database import Database, FileKind
+from litefspy.store.store import Store
+from litefspy.v1 import admin_pb2 as pb
+
+
+@dataclass(frozen=True)
+class NodeDescription:
+    """This node as status shows it."""
+
+    node_id: int
+    hostname: str
+    advertise_url: str
+    lease_type: str
+
+
+@dataclass(frozen=True)
+class _DatabaseFacts:
+    name: str
+    txid: int
+    checksum: int
+    exists: bool
+    committed_size: int | None
+    database: Path
+    journal: Path
+
+
+def journal_mode(database: Path, journal: Path) -> str:
+    """Best guess of the journal mode from the files (SQLite keeps it per connection).
+
+    WAL is recorded in the database header. The rollback modes differ only in
+    what they leave behind after a commit: nothing (delete), an empty journal
+    (truncate) or one with a zeroed header (persist).
+    """
+    try:
+        with open(database, "rb") as f:
+            raw = f.read(HEADER_SIZE)
+        if parse_database_header(raw).is_wal:
+            return "wal"
+    except (OSError, SQLiteFormatError):
+        pass  # empty or unreadable header: not (yet) a WAL database
+    try:
+        size = os.stat(journal).st_size
+    except OSError:
+        return "delete"
+    return "truncate" if size == 0 else "persist"
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _describe_databases(facts: list[_DatabaseFacts]) -> list[tuple[_DatabaseFacts, str, int]]:
+    out = []
+    for f in facts:
+        mode = journal_mode(f.database, f.journal) if f.exists else "delete"
+        size = f.committed_size if f.committed_size is not None else _file_size(f.database)
+        out.append((f, mode, size if f.exists else 0))
+    return out
+
+
+class StatusService:
+    """Builds `Admin.Status` replies from the node's collaborators."""
+
+    def __init__(
+        self,
+        store: Store,
+        node: NodeDescription,
+        *,
+        cluster_id: str,
+        server: ReplicationServer | None = None,
+        client: ReplicationClient | None = None,
+        epoch: int = 0,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.cluster_id = cluster_id
+        self.server = server
+        self.client = client
+        self.epoch = epoch
+
+    @property
+    def role(self) -> str:
+        return "primary" if self.server is not None else "replica"
+
+    async def reply(self) -> pb.StatusReply:
+        """The current status (runs on the trio loop; file reads in a thread)."""
+        facts = [_facts(db) for db in self.store.databases()]
+        described = await trio.to_thread.run_sync(_describe_databases, facts)
+        me = pb.NodeInfo(
+            id=f"{self.node.node_id:016X}",
+            hostname=self.node.hostname,
+            advertise_url=self.node.advertise_url,
+        )
+        reply = pb.StatusReply(
+            node=me,
+            role=self.role,
+            lease=pb.LeaseStatus(type=self.node.lease_type, epoch=self.epoch),
+            # A replica adopts its cluster id from the first primary it streams from.
+            cluster_id=self.client.cluster_id if self.client is not None else self.cluster_id,
+        )
+        lag = self.client.lag_ms() if self.client is not None else 0
+        for f, mode, size in described:
+            reply.databases.append(
+                pb.DatabaseStatus(
+                    name=f.name,
+                    txid=f.txid,
+                    checksum=f.checksum,
+                    journal_mode=mode,
+                    size_bytes=size,
+                    lag_ms=lag,
+                    exists=f.exists,
+                )
+            )
+        if self.server is not None:
+            reply.primary.CopyFrom(me)
+            for s in list(self.server.sessions):
+                replica = pb.ReplicaStatus(
+                    node=pb.NodeInfo(
+                        id=f"{s.node_id:016X}", hostname=s.hostname, advertise_url=s.advertise_url
+                    ),
+                    connected_at_ms=s.connected_at_ms,
+                    files_sent=s.files_sent,
+                    snapshots_sent=s.snapshots_sent,
+                    bytes_sent=s.bytes_sent,
+                )
+                for name in sorted(s.positions):
+                    replica.databases.append(
+                        pb.ReplicaDatabase(name=name, txid=s.positions[name].txid)
+                    )
+                reply.replicas.append(replica)
+        if self.client is not None:
+            client = self.client
+            primary = client.primary if client.connected else None
+            if primary is not None:
+                reply.primary.CopyFrom(
+                    pb.NodeInfo(
+                        id=f"{primary.node_id:016X}",
+                        hostname=primary.hostname,
+                        advertise_url=primary.advertise_url,
+                    )
+                )
+                reply.lease.epoch = primary.epoch
+            stats = client.stats
+            reply.replication.CopyFrom(
+                pb.ReplicationStatus(
+                    connected=client.connected,
+                    ready=client.caught_up,
+                    connects=stats.connects,
+                    files_applied=stats.files_applied,
+                    snapshots_applied=stats.snapshots_applied,
+                    bytes_received=stats.bytes_received,
+                    apply_errors=stats.apply_errors,
+                    last_error=stats.last_error,
+                )
+            )
+        return reply
+
+
+def _facts(db: Database) -> _DatabaseFacts:
+    ck = db.checksums
+    return _DatabaseFacts(
+        name=db.name,
+        txid=db.pos.txid,
+        checksum=db.pos.checksum,
+        exists=db.exists(),
+        committed_size=ck.page_count * ck.page_size if ck is not None else None,
+        database=db.path(FileKind.DATABASE),
+        journal=db.path(FileKind.JOURNAL),
+    )
+
+
+def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
+    """The JSON object of `litefspy status --json` (docs/INTERFACE.md)."""
+    out: dict[str, Any] = {
+        "node": {
+            "id": reply.node.id,
+            "hostname": reply.node.hostname,
+            "advertise_url": reply.node.advertise_url,
+        },
+        "role": reply.role,
+        "primary": (
+            {
+                "id": reply.primary.id,
+                "hostname": reply.primary.hostname,
+                "advertise_url": reply.primary.advertise_url,
+            }
+            if reply.HasField("primary")
+            else None
+        ),
+        "lease": {
+            "type": reply.lease.type,
+            "epoch": reply.lease.epoch,
+            "expires_in_ms": (
+                reply.lease.expires_in_ms if reply.lease.HasField("expires_in_ms") else None
+            ),
+        },
+        "cluster_id": reply.cluster_id or None,
+        "databases": [
+            {
+                "name": d.name,
+                "txid": f"{d.txid:016x}",
+                "checksum": f"{d.checksum:016x}",
+                "journal_mode": d.journal_mode,
+                "size_bytes": d.size_bytes,
+                "lag_ms": d.lag_ms,
+                "exists": d.exists,
+            }
+            for d in reply.databases
+        ],
+        "replicas": [
+            {
+                "node": r.node.id,
+                "hostname": r.node.hostname,
+                "advertise_url": r.node.advertise_url,
+                "connected_at_ms": r.connected_at_ms,
+                "files_sent": r.files_sent,
+                "snapshots_sent": r.snapshots_sent,
+                "bytes_sent": r.bytes_sent,
+                "databases": [{"name": d.name, "txid": f"{d.txid:016x}"} for d in r.databases],
+            }
+            for r in reply.replicas
+        ],
+    }
+    if reply.HasField("replication"):
+        r = reply.replication
+        out["replication"] = {
+            "connected": r.connected,
+            "ready": r.ready,
+            "connects": r.connects,
+            "files_applied": r.files_applied,
+            "snapshots_applied": r.snapshots_applied,
+            "bytes_received": r.bytes_received,
+            "apply_errors": r.apply_errors,
+            "last_error": r.last_error or None,
+        }
+    return out
