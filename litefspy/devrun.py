@@ -95,6 +95,8 @@ def main() -> int:
         print("\nstopping...", flush=True)
         return 0
     finally:
+        # A second Ctrl-C must not abandon the nodes half-stopped (and mounted).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
