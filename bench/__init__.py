@@ -28,4 +28,5 @@ def _lazy(module: str) -> Benchmark:
 
 BENCHMARKS: dict[str, Benchmark] = {
     "codec": _lazy("bench.codec"),
+    "replication": _lazy("bench.replication"),
 }
