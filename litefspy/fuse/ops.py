@@ -299,8 +299,8 @@ class Operations(pyfuse3.Operations):
                 fh = self._new_handle(Handle(node, None, content=content))
                 return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
             db = self._db(node.name)
-            if self._wants_write(flags):
-                db.check_writable(node.kind)
+            if self._wants_write(flags) and not db.writable and not self.is_own_request(ctx):
+                db.check_writable(node.kind, opening=True)
             fd = os.open(db.path(node.kind), flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
             if flags & os.O_TRUNC and self._wants_write(flags):
                 try:
@@ -330,7 +330,11 @@ class Operations(pyfuse3.Operations):
             if isinstance(kind, Special) or not valid_database_name(db_name):
                 log.warning("create refused %s", kv(name=text, reason="not a database name"))
                 raise pyfuse3.FUSEError(errno.EPERM)
-            if not self.store.writable and kind is not FileKind.SHM:
+            if (
+                not self.store.writable
+                and kind in (FileKind.DATABASE, FileKind.JOURNAL)
+                and not self.is_own_request(ctx)
+            ):
                 raise ReadOnlyError(f"cannot create {text}: this node is a replica")
             db = self.store.create(db_name)
             path = db.path(kind)
@@ -490,17 +494,24 @@ class Operations(pyfuse3.Operations):
     # --------------------------------------------------------- invalidation
 
     def invalidate_database(self, name: str) -> None:
-        """Drop the kernel's cached pages, attributes and entries of one database."""
+        """Drop the kernel's cached pages, attributes and entries of one database.
+
+        Must be called from a worker thread, never from the trio loop: the kernel
+        may wait for in-flight requests (e.g. a read of a page being invalidated)
+        that only the loop can answer.
+        """
         kinds: list[NodeKind] = [*FileKind, Special.POS]
         for kind in kinds:
             node = self.inodes.current(name, kind)
             if node is not None:
                 _quietly(lambda n=node: pyfuse3.invalidate_inode(n.ino))  # type: ignore[misc]
-            _quietly(
-                lambda k=kind: pyfuse3.invalidate_entry_async(  # type: ignore[misc]
-                    ROOT, os.fsencode(mount_name(name, k))
-                )
-            )
+            entry = os.fsencode(mount_name(name, kind))
+            _quietly(lambda e=entry: pyfuse3.invalidate_entry(ROOT, e))  # type: ignore[misc]
+
+    @staticmethod
+    def is_own_request(ctx: pyfuse3.RequestContext) -> bool:
+        """The request comes from a thread of this process (litefspy's own locks)."""
+        return os.path.exists(f"/proc/self/task/{ctx.pid}")
 
 
 def _quietly(fn: Callable[[], object]) -> None:

@@ -147,7 +147,9 @@ class Database:
             except LTXError:
                 continue
             out.append((lo, hi, self.ltx_dir / fname))
-        out.sort()
+        # Newest last: by max TXID; a snapshot (min 1) covering the same TXID as an
+        # incremental file sorts after it (it replaced that history).
+        out.sort(key=lambda t: (t[1], -t[0]))
         return out
 
     def ensure_dirs(self) -> None:
@@ -178,10 +180,16 @@ class Database:
 
     # ------------------------------------------------------- writes (FUSE)
 
-    def check_writable(self, kind: FileKind) -> None:
-        """Raise ReadOnlyError if this node must not change the database."""
-        if not self.writable and kind is not FileKind.SHM:
-            raise ReadOnlyError(f"database {self.name} is read-only on this node (replica)")
+    def check_writable(self, kind: FileKind, *, opening: bool = False) -> None:
+        """Raise ReadOnlyError if this node must not change the file.
+
+        On a replica, SQLite readers still need the -shm (read-write, mmapped) and
+        open the -wal read-write (and delete it when the last one closes), so those
+        opens are allowed; writing WAL frames is not.
+        """
+        if self.writable or kind is FileKind.SHM or (opening and kind is FileKind.WAL):
+            return
+        raise ReadOnlyError(f"database {self.name} is read-only on this node (replica)")
 
     def write(self, kind: FileKind, fd: int, offset: int, data: bytes) -> int:
         """Write through to the real file and run commit capture for the event."""
@@ -267,7 +275,7 @@ class Database:
         if kind is FileKind.SHM:
             os.truncate(path, size)
             return
-        self.check_writable(kind)
+        self.check_writable(kind, opening=kind is FileKind.WAL)
         if kind is FileKind.JOURNAL:
             if size == 0:
                 self._commit_then(lambda: os.truncate(path, 0))
@@ -275,6 +283,7 @@ class Database:
                 os.truncate(path, size)
             return
         if kind is FileKind.WAL:
+            # Replicas let the last reader truncate the (frameless) WAL.
             os.truncate(path, size)
             self._wal.on_truncate(size)
             return
@@ -295,7 +304,7 @@ class Database:
         if kind is FileKind.SHM:
             path.unlink()
             return
-        self.check_writable(kind)
+        self.check_writable(kind, opening=kind is FileKind.WAL)
         if kind is FileKind.JOURNAL:
             self._commit_then(path.unlink)
             return
@@ -539,6 +548,38 @@ class Database:
         self._wal.reset()
         self._is_wal_db = False
 
+    # --------------------------------------------------- replication support
+
+    def is_wal_mode(self) -> bool:
+        """The committed database is in WAL mode (or a WAL is in use)."""
+        return self._is_wal_db or self._wal.header is not None
+
+    def committed_state(self) -> CommittedState:
+        """The committed state, for a snapshot (call with read locks held)."""
+        if self.checksums is None or not self.exists():
+            raise DatabaseError(f"database {self.name} has no data to snapshot")
+        return CommittedState(
+            pos=self.pos,
+            page_size=self.checksums.page_size,
+            commit=self.checksums.page_count,
+            wal_index=dict(self._wal.index),
+        )
+
+    def applied(self, pos: Position, checksums: PageChecksums | None) -> None:
+        """A replica apply changed the files: adopt the new position and state."""
+        self.pos = pos
+        self.checksums = checksums
+        self.last_commit_ms = int(time.time() * 1000)
+        self.close()
+        if checksums is None:
+            self._is_wal_db = False
+            return
+        try:
+            fd = self._db_reader()
+            self._is_wal_db = parse_database_header(os.pread(fd, DB_HEADER_SIZE, 0)).is_wal
+        except (OSError, SQLiteFormatError):
+            self._is_wal_db = False
+
     # -------------------------------------------------------------- recovery
 
     def recover(self) -> None:
@@ -699,6 +740,80 @@ class Database:
             self._read_db_header(fd)
         except SQLiteFormatError:
             pass
+
+
+@dataclass(frozen=True)
+class CommittedState:
+    """A consistent view of the committed database, captured under SQLite read locks."""
+
+    pos: Position
+    page_size: int
+    commit: int
+    wal_index: dict[int, int]
+
+
+def _read_pages(
+    db_path: Path, wal_path: Path, state: CommittedState
+) -> Iterator[tuple[int, bytes]]:
+    page_size = state.page_size
+    lock = lock_pgno(page_size)
+    db_fd = os.open(db_path, os.O_RDONLY)
+    wal_fd = os.open(wal_path, os.O_RDONLY) if state.wal_index else -1
+    try:
+        for pgno in range(1, state.commit + 1):
+            if pgno == lock:
+                continue
+            off = state.wal_index.get(pgno)
+            if off is not None:
+                data = os.pread(wal_fd, page_size, off)
+            else:
+                data = os.pread(db_fd, page_size, (pgno - 1) * page_size)
+            if len(data) != page_size:
+                data = data.ljust(page_size, b"\0")
+            yield pgno, data
+    finally:
+        os.close(db_fd)
+        if wal_fd >= 0:
+            os.close(wal_fd)
+
+
+def write_snapshot(db: Database, state: CommittedState, out: Path) -> Path:
+    """Encode the captured committed state as an LTX snapshot and verify its checksum.
+
+    Runs in a worker thread while the caller holds SQLite read locks.
+    """
+    checksums = PageChecksums(state.page_size)
+    checksums.truncate(state.commit)
+    header = Header(
+        flags=FLAG_COMPRESS if db.compress else 0,
+        page_size=state.page_size,
+        commit=state.commit,
+        min_txid=1,
+        max_txid=state.pos.txid,
+        timestamp=int(time.time() * 1000),
+        pre_apply_checksum=0,
+        wal_offset=0,
+        wal_size=0,
+        wal_salt1=0,
+        wal_salt2=0,
+        node_id=db.node_id,
+    )
+    with open(out, "wb") as f:
+        enc = Encoder(f, header)
+        for pgno, data in _read_pages(db.db_path, db.path(FileKind.WAL), state):
+            checksums.set(pgno, page_checksum(pgno, data))
+            enc.write_page(pgno, data)
+        if checksums.total != state.pos.checksum:
+            f.close()
+            out.unlink(missing_ok=True)
+            raise DatabaseError(
+                f"snapshot of {db.name} at {state.pos}: database checksum "
+                f"{checksums.total:016x} does not match the position; not sending it"
+            )
+        enc.finish(checksums.total)
+        f.flush()
+        os.fsync(f.fileno())
+    return out
 
 
 def errno_for(exc: BaseException) -> int:

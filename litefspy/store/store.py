@@ -6,12 +6,28 @@ import logging
 import os
 import re
 import secrets
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from litefspy.errors import DatabaseError, NotFoundError, RecoveryError
+import trio
+
+from litefspy.errors import DatabaseError, LTXError, NotFoundError, RecoveryError, ReplicationError
 from litefspy.logs import kv
-from litefspy.store.database import CommitInfo, Database, fsync_dir
+from litefspy.ltx.checksum import PageChecksums, page_checksum
+from litefspy.ltx.decoder import Decoder, verify_file
+from litefspy.ltx.format import Header, Trailer, lock_pgno
+from litefspy.store.database import (
+    CommitInfo,
+    Database,
+    FileKind,
+    Position,
+    fsync_dir,
+    write_snapshot,
+)
+from litefspy.store.locks import HeldLocks, MountLocks
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +67,13 @@ def load_node_id(data_dir: Path) -> int:
     return value
 
 
+class CacheInvalidator(Protocol):
+    """The FUSE layer's hook to drop the kernel's caches of one database."""
+
+    def invalidate_database(self, name: str) -> None:
+        """Invalidate cached pages, attributes and entries of every file of `name`."""
+
+
 class Store:
     """The databases under `<data>/dbs/`, their role (writable or not) and listeners."""
 
@@ -66,9 +89,14 @@ class Store:
         self.failed: dict[str, str] = {}
         self._listeners: list[Callable[[CommitInfo], None]] = []
         self.writable = True
+        self.tmp_dir = self.data_dir / "tmp"
+        self._locks: MountLocks | None = None
+        self._invalidator: CacheInvalidator | None = None
 
     def open(self) -> None:
         """Recover every database found on disk."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         for entry in sorted(os.listdir(self.dbs_dir)):
             if not (self.dbs_dir / entry).is_dir() or not valid_database_name(entry):
                 continue
@@ -138,3 +166,188 @@ class Store:
 
     def databases(self) -> list[Database]:
         return [self._dbs[n] for n in sorted(self._dbs)]
+
+    # --------------------------------------------------------- replication
+
+    def attach_mount(self, mountpoint: Path, invalidator: CacheInvalidator) -> None:
+        """Locks are taken through the mount, and kernel caches invalidated, from now on."""
+        self._locks = MountLocks(Path(mountpoint))
+        self._invalidator = invalidator
+
+    def incoming_path(self, name: str) -> Path:
+        """A fresh temp path, on the data filesystem, to receive an LTX file into."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return self.tmp_dir / f"{name}.{secrets.token_hex(6)}.ltx.tmp"
+
+    def _require(self, name: str) -> Database:
+        db = self.get(name)
+        if db is None:
+            raise NotFoundError(f"no database named {name}")
+        return db
+
+    async def snapshot(self, name: str) -> Path:
+        """A verified LTX snapshot of the committed state; the caller deletes the file.
+
+        Taken under SQLite read locks (through the mount) so that no commit or
+        checkpoint changes the files while they are read; the commits that happen
+        meanwhile in WAL mode only append frames the snapshot does not read.
+        """
+        db = self._require(name)
+        held = await self._lock(name, db.is_wal_mode(), exclusive=False)
+        try:
+            state = db.committed_state()
+            out = self.incoming_path(name)
+            return await trio.to_thread.run_sync(write_snapshot, db, state, out)
+        finally:
+            await trio.to_thread.run_sync(held.release)
+
+    async def _lock(self, name: str, wal: bool, *, exclusive: bool) -> HeldLocks:
+        locks = self._locks
+        if locks is None:
+            return HeldLocks()
+        if exclusive:
+            return await trio.to_thread.run_sync(locks.exclusive, name, wal)
+        return await trio.to_thread.run_sync(locks.read, name, wal)
+
+    async def apply_ltx(self, name: str, path: Path) -> Position:
+        """Replica side: apply one complete received LTX file (see module docs)."""
+        header, trailer = await trio.to_thread.run_sync(verify_file, path)
+        db = self.get(name)
+        if db is None:
+            if not valid_database_name(name):
+                raise ReplicationError(f"invalid database name {name!r} from the primary")
+            db = self.create(name)
+        if not header.is_snapshot and (
+            header.min_txid != db.pos.txid + 1 or (header.pre_apply_checksum != db.pos.checksum)
+        ):
+            raise ReplicationError(
+                f"LTX {header.min_txid:016x}-{header.max_txid:016x} for {name} does not "
+                f"continue position {db.pos} (pre-apply {header.pre_apply_checksum:016x})"
+            )
+        if (
+            db.checksums is not None
+            and not header.is_snapshot
+            and (db.checksums.page_size != header.page_size)
+        ):
+            raise ReplicationError(f"page size change for {name} needs a snapshot")
+        final = db.ltx_path(header.min_txid, header.max_txid)
+        await trio.to_thread.run_sync(self._install_ltx, db, header, path, final)
+        current = db.checksums.copy() if db.checksums is not None else None
+        wal = db.is_wal_mode()
+        held = await self._lock(name, wal, exclusive=True)
+        try:
+            after = await trio.to_thread.run_sync(
+                self._write_applied, db, final, header, trailer, current
+            )
+            await trio.to_thread.run_sync(self._after_apply, name, wal)
+        finally:
+            await trio.to_thread.run_sync(held.release)
+        pos = Position(header.max_txid, trailer.post_apply_checksum)
+        db.applied(pos, after if header.commit else None)
+        self._notify(
+            CommitInfo(name, header.max_txid, final, final.stat().st_size, header.timestamp)
+        )
+        return pos
+
+    def _install_ltx(self, db: Database, header: Header, src: Path, final: Path) -> None:
+        """Write-ahead: the file is in ltx/ before the database changes (recovery re-applies)."""
+        db.ensure_dirs()
+        if header.is_snapshot:
+            ahead = db.pos.txid > header.max_txid or (
+                db.pos.txid == header.max_txid and db.pos.checksum != header.pre_apply_checksum
+            )
+            old = [p for _, _, p in db.ltx_files()]
+            if ahead and old:
+                aside = db.dir / f"ltx.aside-{int(time.time() * 1000)}"
+                aside.mkdir()
+                for p in old:
+                    os.rename(p, aside / p.name)
+                log.warning(
+                    "replica history diverged from the primary; its LTX files were set aside %s",
+                    kv(db=db.name, pos=db.pos, path=aside),
+                )
+            else:
+                for p in old:
+                    p.unlink(missing_ok=True)
+        os.rename(src, final)
+        fsync_dir(db.ltx_dir)
+
+    @staticmethod
+    def _write_applied(
+        db: Database,
+        ltx: Path,
+        header: Header,
+        trailer: Trailer,
+        current: PageChecksums | None,
+    ) -> PageChecksums:
+        """Write the pages that differ (worker thread, exclusive locks held)."""
+        page_size = header.page_size
+        if (
+            current is None
+            or current.page_size != page_size
+            or (header.is_snapshot
+            and (current.page_size != page_size))
+        ):
+            current = None
+        after = current.copy() if current is not None else PageChecksums(page_size)
+        if header.is_snapshot:
+            after.truncate(0)
+        fd = os.open(db.db_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            with open(ltx, "rb") as f:
+                dec = Decoder(f)
+                for pgno, data in dec.pages():
+                    ck = page_checksum(pgno, data)
+                    if current is None or current.get(pgno) != ck:
+                        os.pwrite(fd, data, (pgno - 1) * page_size)
+                    after.set(pgno, ck)
+            lock = lock_pgno(page_size)
+            if header.is_snapshot and header.commit >= lock:
+                os.pwrite(fd, bytes(page_size), (lock - 1) * page_size)
+            after.truncate(header.commit)
+            os.ftruncate(fd, header.commit * page_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if header.commit == 0:
+            for kind in FileKind:
+                if kind is not FileKind.SHM:
+                    db.path(kind).unlink(missing_ok=True)
+        elif after.total != trailer.post_apply_checksum:
+            raise LTXError(
+                f"applying {ltx.name} to {db.name} gave checksum {after.total:016x}, "
+                f"expected {trailer.post_apply_checksum:016x}"
+            )
+        return after
+
+    def _after_apply(self, name: str, wal: bool) -> None:
+        """Worker thread, locks held: make readers see the new pages."""
+        if self._invalidator is not None:
+            self._invalidator.invalidate_database(name)
+        if wal and self._locks is not None:
+            self._locks.reset_wal_index(name)
+
+    # ------------------------------------------------------------ retention
+
+    def enforce_retention(self, retention: float, now: float | None = None) -> int:
+        """Delete LTX files older than `retention` seconds (the newest always stays)."""
+        cutoff = (time.time() if now is None else now) - retention
+        removed = 0
+        for db in self.databases():
+            files = db.ltx_files()
+            for _, _, path in files[:-1]:
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
+
+    async def run_retention(self, retention: float, interval: float) -> None:
+        """Background task: enforce retention every `interval` seconds."""
+        while True:
+            await trio.sleep(interval)
+            removed = await trio.to_thread.run_sync(self.enforce_retention, retention)
+            if removed:
+                log.info("retention removed LTX files %s", kv(count=removed))
