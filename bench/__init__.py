@@ -28,5 +28,6 @@ def _lazy(module: str) -> Benchmark:
 
 BENCHMARKS: dict[str, Benchmark] = {
     "codec": _lazy("bench.codec"),
+    "fs": _lazy("bench.fs"),
     "replication": _lazy("bench.replication"),
 }

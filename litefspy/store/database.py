@@ -470,8 +470,13 @@ class Database:
         *,
         full: bool,
         wal: tuple[int, int, int, int] = (0, 0, 0, 0),
+        notify: bool = True,
     ) -> Path | None:
-        """Encode the pages as the next LTX file; None if nothing changed."""
+        """Encode the pages as the next LTX file; None if nothing changed.
+
+        `notify=False` when called from a worker thread: the caller notifies
+        listeners from the trio thread.
+        """
         self.ensure_dirs()
         txid = self.pos.txid + 1
         snapshot = txid == 1
@@ -512,7 +517,7 @@ class Database:
         self.pos = Position(txid, checksums.total)
         self.last_commit_ms = now_ms
         log.debug("commit %s", kv(db=self.name, txid=f"{txid:016x}", pages=wrote))
-        if self.on_commit is not None:
+        if notify and self.on_commit is not None:
             self.on_commit(
                 CommitInfo(self.name, txid, final, final.stat().st_size, now_ms),
             )
@@ -579,6 +584,52 @@ class Database:
             self._is_wal_db = parse_database_header(os.pread(fd, DB_HEADER_SIZE, 0)).is_wal
         except (OSError, SQLiteFormatError):
             self._is_wal_db = False
+
+    def import_file(self, src: Path, page_size: int, commit: int) -> Path:
+        """Replace the database with `src` as one new TXID (worker thread, locks held).
+
+        The LTX file is written first, then the database file, so recovery after a
+        crash in between re-applies the import.
+        """
+        with open(src, "rb") as f:
+            checksums = PageChecksums.from_file(f, page_size, commit)
+        src_fd = os.open(src, os.O_RDONLY)
+        try:
+            ltx = self._write_ltx(
+                page_size,
+                commit,
+                self._all_pages(src_fd, page_size, commit),
+                checksums,
+                full=True,
+                notify=False,
+            )
+            assert ltx is not None
+            self.close()
+            fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                for pgno, data in self._all_pages(src_fd, page_size, commit):
+                    os.pwrite(fd, data, (pgno - 1) * page_size)
+                os.ftruncate(fd, commit * page_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(src_fd)
+        # Frames of the old database must never be read again.
+        wal = self.path(FileKind.WAL)
+        if wal.exists():
+            os.truncate(wal, 0)
+        self._wal.reset()
+        self._dirty.clear()
+        self._journal_active = False
+        self._is_wal_db = parse_database_header(
+            os.pread(self._db_reader(), DB_HEADER_SIZE, 0)
+        ).is_wal
+        return ltx
+
+    def commit_info(self, path: Path) -> CommitInfo:
+        """What listeners are told about an LTX file of this database."""
+        return CommitInfo(self.name, self.pos.txid, path, path.stat().st_size, self.last_commit_ms)
 
     # -------------------------------------------------------------- recovery
 

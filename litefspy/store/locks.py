@@ -110,10 +110,11 @@ class MountLocks:
             held.release()
             raise
 
-    def exclusive(self, name: str, wal: bool) -> HeldLocks:
+    def exclusive(self, name: str, wal: bool, writers: bool = False) -> HeldLocks:
         """Keep every SQLite reader out while a replica changes the database.
 
-        Rollback mode: PENDING (no new SHARED) then the whole SHARED range.
+        Rollback mode: PENDING (no new SHARED) then the whole SHARED range; with
+        `writers`, RESERVED first so that no write transaction is open either.
         WAL mode: readers keep SHARED on the database for their connection's life,
         so exclusion is by the -shm locks: write, checkpoint, recover and all read
         marks. The -shm file is created if no reader has made it yet, so a reader
@@ -132,6 +133,9 @@ class MountLocks:
             if fd is None:
                 return held
             held.fds.append(fd)
+            if writers:
+                # RESERVED too: no write transaction may be open (import on a primary).
+                _ofd_lock(fd, fcntl.F_WRLCK, RESERVED_BYTE, 1, deadline)
             _ofd_lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1, deadline)
             _ofd_lock(fd, fcntl.F_WRLCK, SHARED_FIRST, SHARED_SIZE, deadline)
             return held

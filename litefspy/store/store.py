@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +15,21 @@ from typing import Protocol
 
 import trio
 
-from litefspy.errors import DatabaseError, LTXError, NotFoundError, RecoveryError, ReplicationError
+from litefspy.errors import (
+    DatabaseError,
+    LTXError,
+    NotFoundError,
+    ReadOnlyError,
+    RecoveryError,
+    ReplicationError,
+    SQLiteFormatError,
+)
 from litefspy.logs import kv
 from litefspy.ltx.checksum import PageChecksums, page_checksum
+from litefspy.ltx.apply import apply_files
 from litefspy.ltx.decoder import Decoder, verify_file
 from litefspy.ltx.format import Header, Trailer, lock_pgno
+from litefspy.sqlite.header import parse_database_header
 from litefspy.store.database import (
     CommitInfo,
     Database,
@@ -65,6 +76,37 @@ def load_node_id(data_dir: Path) -> int:
     os.rename(tmp, path)
     fsync_dir(data_dir)
     return value
+
+
+def validate_sqlite_file(path: Path) -> tuple[int, int]:
+    """(page size, page count) of a valid SQLite database file, or a clear error."""
+    try:
+        with open(path, "rb") as f:
+            header = parse_database_header(f.read(100))
+    except FileNotFoundError as exc:
+        raise DatabaseError(f"{path}: no such file") from exc
+    except SQLiteFormatError as exc:
+        raise DatabaseError(f"{path} is not a SQLite database: {exc}") from exc
+    size = path.stat().st_size
+    if size == 0 or size % header.page_size:
+        raise DatabaseError(
+            f"{path} is {size} bytes, not a whole number of {header.page_size}-byte pages "
+            "(truncated or not a SQLite database)"
+        )
+    if Path(f"{path}-wal").exists() and Path(f"{path}-wal").stat().st_size > 0:
+        raise DatabaseError(f"{path} has a non-empty -wal file; checkpoint it before importing")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            result = conn.execute("PRAGMA integrity_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseError(f"{path} failed to open as SQLite: {exc}") from exc
+    if result != [("ok",)]:
+        detail = "; ".join(str(r[0]) for r in result[:3])
+        raise DatabaseError(f"{path} failed PRAGMA integrity_check: {detail}")
+    return header.page_size, size // header.page_size
 
 
 class CacheInvalidator(Protocol):
@@ -201,12 +243,14 @@ class Store:
         finally:
             await trio.to_thread.run_sync(held.release)
 
-    async def _lock(self, name: str, wal: bool, *, exclusive: bool) -> HeldLocks:
+    async def _lock(
+        self, name: str, wal: bool, *, exclusive: bool, writers: bool = False
+    ) -> HeldLocks:
         locks = self._locks
         if locks is None:
             return HeldLocks()
         if exclusive:
-            return await trio.to_thread.run_sync(locks.exclusive, name, wal)
+            return await trio.to_thread.run_sync(locks.exclusive, name, wal, writers)
         return await trio.to_thread.run_sync(locks.read, name, wal)
 
     async def apply_ltx(self, name: str, path: Path) -> Position:
@@ -285,8 +329,7 @@ class Store:
         if (
             current is None
             or current.page_size != page_size
-            or (header.is_snapshot
-            and (current.page_size != page_size))
+            or (header.is_snapshot and (current.page_size != page_size))
         ):
             current = None
         after = current.copy() if current is not None else PageChecksums(page_size)
@@ -326,6 +369,46 @@ class Store:
             self._invalidator.invalidate_database(name)
         if wal and self._locks is not None:
             self._locks.reset_wal_index(name)
+
+    # ------------------------------------------------------- import / export
+
+    async def import_database(self, name: str, src: Path) -> Position:
+        """Primary: replace (or create) database `name` with the SQLite file `src`.
+
+        The file is validated first (header, `PRAGMA integrity_check`); then, with
+        every SQLite reader and writer of `name` locked out through the mount, the
+        import is recorded as one new TXID (replicas receive it like any other) and
+        the kernel's and SQLite's caches are invalidated so open connections see
+        the new content.
+        """
+        if not self.writable:
+            raise ReadOnlyError(f"cannot import {name}: this node is a replica")
+        page_size, commit = await trio.to_thread.run_sync(validate_sqlite_file, src)
+        db = self.get(name) or self.create(name)
+        wal = db.is_wal_mode()
+        held = await self._lock(name, wal, exclusive=True, writers=True)
+        try:
+            ltx = await trio.to_thread.run_sync(db.import_file, src, page_size, commit)
+            await trio.to_thread.run_sync(self._after_apply, name, wal)
+        finally:
+            await trio.to_thread.run_sync(held.release)
+        log.info("imported database %s", kv(db=name, src=src, pos=db.pos))
+        self._notify(db.commit_info(ltx))
+        return db.pos
+
+    async def export_database(self, name: str, out: Path) -> Position:
+        """Write a consistent copy of `name` (its committed state) to `out`."""
+        db = self._require(name)
+        snap = await self.snapshot(name)
+        try:
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            txid, checksum = await trio.to_thread.run_sync(apply_files, tmp, [snap])
+            os.replace(tmp, out)
+        finally:
+            snap.unlink(missing_ok=True)
+        del db
+        return Position(txid, checksum)
 
     # ------------------------------------------------------------ retention
 
