@@ -25,8 +25,8 @@ from litefspy.errors import (
     SQLiteFormatError,
 )
 from litefspy.logs import kv
-from litefspy.ltx.checksum import PageChecksums, page_checksum
 from litefspy.ltx.apply import apply_files
+from litefspy.ltx.checksum import PageChecksums, page_checksum
 from litefspy.ltx.decoder import Decoder, verify_file
 from litefspy.ltx.format import Header, Trailer, lock_pgno
 from litefspy.sqlite.header import parse_database_header
