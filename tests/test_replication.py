@@ -201,12 +201,6 @@ def test_every_transaction_reaches_the_replica(node_factory, mode: str) -> None:
     assert replica.pos("app.db") == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug: after a replica apply in WAL mode, a reader connection opened "
-    "earlier keeps its stale page cache once another connection has rebuilt the zeroed "
-    "WAL-index header (the rebuilt header equals the one it cached)",
-)
 def test_wal_reader_connection_sees_new_commits(node_factory) -> None:
     primary, replica = start_pair(node_factory)
     conn = connect(primary.db("app.db"), "wal")

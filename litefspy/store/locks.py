@@ -15,12 +15,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from litefspy.errors import DatabaseError
+from litefspy.sqlite.wal import wal_checksum
 
 # Database file lock bytes (unix VFS).
 PENDING_BYTE = 0x40000000
@@ -143,19 +146,72 @@ class MountLocks:
             held.release()
             raise
 
-    def reset_wal_index(self, name: str) -> None:
-        """Make WAL readers rebuild their index: zero the -shm header through the mount.
+    def reset_wal_index(self, name: str, page_size: int) -> None:
+        """Make WAL readers drop their page caches after a replica apply.
 
-        Readers cache pages between transactions while the WAL-index header is
-        unchanged; a zeroed header forces recovery (from the replica's empty WAL)
-        and a new header, so every reader drops its cache and sees the new pages.
-        Writing through the mount keeps the applications' mmaps coherent.
+        A reader keeps its cached pages while the WAL-index header in -shm is
+        byte-for-byte the one it saw last. Zeroing the header is not enough: the
+        header a reader rebuilds from the (empty) replica WAL is the same every
+        time. So litefspy writes a valid header for an empty log with a new
+        change counter (iChange), and a fresh checkpoint record. Written through
+        the mount, so the applications' mmaps of -shm see it at once.
         """
         fd = self._open(name + "-shm")
         if fd is None:
             return
         try:
-            if os.fstat(fd).st_size >= 136:
-                os.pwrite(fd, bytes(136), 0)
+            old = os.pread(fd, WAL_INDEX_HEADER_SIZE, 0)
+            os.pwrite(fd, build_wal_index(old, page_size), 0)
         finally:
             os.close(fd)
+
+
+WAL_INDEX_HEADER_SIZE = 48
+_READMARK_NOT_USED = 0xFFFFFFFF
+_NATIVE = "<" if sys.byteorder == "little" else ">"
+
+
+def build_wal_index(old_header: bytes, page_size: int) -> bytes:
+    """The first 136 bytes of -shm for an empty WAL: two header copies + checkpoint info.
+
+    WalIndexHdr (native byte order): iVersion, unused, iChange, isInit, bigEndCksum,
+    szPage, mxFrame, nPage, aFrameCksum[2], aSalt[2], aCksum[2]; aCksum is SQLite's
+    WAL checksum over the first 40 bytes in native order. mxFrame = nPage = 0 tells
+    readers to read every page from the database file (nPage 0: use the file size).
+    """
+    change = secrets.randbits(32)
+    if len(old_header) == WAL_INDEX_HEADER_SIZE:
+        (old_change,) = struct.unpack_from(_NATIVE + "I", old_header, 8)
+        if old_header[12]:
+            change = (old_change + 1) & 0xFFFFFFFF
+    sz = (page_size & 0xFF00) | (page_size >> 16)
+    body = struct.pack(
+        _NATIVE + "IIIBBHIIIIII",
+        3007000,
+        0,
+        change,
+        1,
+        1 if sys.byteorder == "big" else 0,
+        sz,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
+    ck = wal_checksum(body, 0, 0, sys.byteorder == "big")
+    header = body + struct.pack(_NATIVE + "II", *ck)
+    ckpt = struct.pack(
+        _NATIVE + "6I8sII",
+        0,  # nBackfill
+        0,  # aReadMark[0]
+        0,  # aReadMark[1]
+        _READMARK_NOT_USED,
+        _READMARK_NOT_USED,
+        _READMARK_NOT_USED,
+        bytes(8),
+        0,
+        0,
+    )
+    return header + header + ckpt

@@ -109,6 +109,15 @@ def validate_sqlite_file(path: Path) -> tuple[int, int]:
     return header.page_size, size // header.page_size
 
 
+def read_page_size(path: Path) -> int:
+    """The page size in a database file's header, 0 if it has none."""
+    try:
+        with open(path, "rb") as f:
+            return parse_database_header(f.read(100)).page_size
+    except (OSError, SQLiteFormatError):
+        return 0
+
+
 class CacheInvalidator(Protocol):
     """The FUSE layer's hook to drop the kernel's caches of one database."""
 
@@ -367,8 +376,11 @@ class Store:
         """Worker thread, locks held: make readers see the new pages."""
         if self._invalidator is not None:
             self._invalidator.invalidate_database(name)
-        if wal and self._locks is not None:
-            self._locks.reset_wal_index(name)
+        db = self.get(name)
+        if wal and self._locks is not None and db is not None:
+            page_size = read_page_size(db.db_path)
+            if page_size:
+                self._locks.reset_wal_index(name, page_size)
 
     # ------------------------------------------------------- import / export
 
