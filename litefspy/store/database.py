@@ -195,12 +195,27 @@ class Database:
         """Write through to the real file and run commit capture for the event."""
         if kind is FileKind.SHM:
             return os.pwrite(fd, data, offset)
-        self.check_writable(kind)
+        if not (self.writable or self._finishing_rollback(kind, offset, data)):
+            self.check_writable(kind)
         if kind is FileKind.DATABASE:
             return self._write_database(fd, offset, data)
         if kind is FileKind.JOURNAL:
             return self._write_journal(fd, offset, data)
         return self._write_wal(fd, offset, data)
+
+    def _finishing_rollback(self, kind: FileKind, offset: int, data: bytes) -> bool:
+        """On a node that just lost the primary role, let SQLite finish rolling back.
+
+        A connection that was mid-transaction when the node was demoted puts the
+        original pages back into the database and then invalidates its journal;
+        both are allowed while the journal is active. The invalidation itself is
+        checked in `_commit_then`: it must leave the committed state unchanged.
+        """
+        if not self._journal_active:
+            return False
+        if kind is FileKind.DATABASE:
+            return True
+        return kind is FileKind.JOURNAL and _is_journal_invalidation(offset, data)
 
     def _write_database(self, fd: int, offset: int, data: bytes) -> int:
         if not (self._journal_active or self._is_wal_db or self._wal.header is not None):
@@ -240,11 +255,7 @@ class Database:
             return 512
 
     def _write_journal(self, fd: int, offset: int, data: bytes) -> int:
-        if (
-            offset == 0
-            and len(data) >= len(ZERO_HEADER)
-            and data[: len(ZERO_HEADER)] == ZERO_HEADER
-        ):
+        if _is_journal_invalidation(offset, data):
             # journal_mode=PERSIST invalidates the journal by zeroing its header:
             # this is the commit (or the end of a rollback).
             return self._commit_then(lambda: os.pwrite(fd, data, offset))
@@ -275,7 +286,8 @@ class Database:
         if kind is FileKind.SHM:
             os.truncate(path, size)
             return
-        self.check_writable(kind, opening=kind is FileKind.WAL)
+        if not (kind is FileKind.JOURNAL and size == 0 and self._journal_active):
+            self.check_writable(kind, opening=kind is FileKind.WAL)
         if kind is FileKind.JOURNAL:
             if size == 0:
                 self._commit_then(lambda: os.truncate(path, 0))
@@ -304,7 +316,8 @@ class Database:
         if kind is FileKind.SHM:
             path.unlink()
             return
-        self.check_writable(kind, opening=kind is FileKind.WAL)
+        if not (kind is FileKind.JOURNAL and self._journal_active):
+            self.check_writable(kind, opening=kind is FileKind.WAL)
         if kind is FileKind.JOURNAL:
             self._commit_then(path.unlink)
             return
@@ -330,6 +343,16 @@ class Database:
             self._journal_active = False
             result = invalidate()
             return result if isinstance(result, int) else 0
+        if not self.writable:
+            # Demoted mid-transaction: only a rollback (no change) may complete.
+            if self._dirty_pages_changed():
+                raise ReadOnlyError(
+                    f"commit to {self.name} refused: this node is no longer the primary"
+                )
+            self._journal_active = False
+            self._dirty.clear()
+            result = invalidate()
+            return result if isinstance(result, int) else 0
         prev_pos, prev_checksums = self.pos, self.checksums
         created = self._capture_rollback()
         try:
@@ -345,6 +368,25 @@ class Database:
         if self.strict_verify and created is not None:
             self._verify_full()
         return result if isinstance(result, int) else 0
+
+    def _dirty_pages_changed(self) -> bool:
+        """Do the pages written under the active journal differ from the committed state?"""
+        old = self.checksums
+        fd = self._db_reader()
+        size = os.fstat(fd).st_size
+        if old is None:
+            return size > 0
+        page_size = old.page_size
+        if size != old.page_count * page_size:
+            return True
+        lock = lock_pgno(page_size)
+        for pgno in self._dirty:
+            if pgno > old.page_count or pgno == lock:
+                continue
+            data = os.pread(fd, page_size, (pgno - 1) * page_size)
+            if page_checksum(pgno, data) != old.get(pgno):
+                return True
+        return False
 
     def _read_db_header(self, fd: int) -> tuple[int, int]:
         """(page size, page count) of the database file as it is now."""
@@ -627,6 +669,53 @@ class Database:
         ).is_wal
         return ltx
 
+    def settle_after_demotion(self) -> str | None:
+        """Worker thread, every SQLite connection locked out: leave only committed state.
+
+        Rolls back a hot journal nobody finished, checkpoints the captured WAL
+        frames into the database and empties the WAL (a replica applies LTX files
+        to the database file, so old frames must never overlay them). Returns what
+        was done, for the log, or None.
+        """
+        done = []
+        journal = self.path(FileKind.JOURNAL)
+        if journal.exists() and is_hot_journal(journal, self.db_path):
+            pages = rollback_journal(journal, self.db_path)
+            journal.unlink()
+            done.append(f"rolled back a hot journal ({pages} pages)")
+        self._journal_active = False
+        self._dirty.clear()
+        wal = self.path(FileKind.WAL)
+        if self._wal.index and self.checksums is not None:
+            page_size = self.checksums.page_size
+            fd = os.open(self.db_path, os.O_RDWR)
+            wal_fd = os.open(wal, os.O_RDONLY)
+            try:
+                for pgno, off in sorted(self._wal.index.items()):
+                    if pgno <= self.checksums.page_count:
+                        os.pwrite(fd, os.pread(wal_fd, page_size, off), (pgno - 1) * page_size)
+                os.ftruncate(fd, self.checksums.page_count * page_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.close(wal_fd)
+            done.append(f"checkpointed {len(self._wal.index)} WAL pages")
+        if wal.exists() and wal.stat().st_size > 0:
+            os.truncate(wal, 0)
+        self._wal.reset()
+        self.close()
+        if self.checksums is not None and self.exists():
+            with open(self.db_path, "rb") as f:
+                actual = PageChecksums.from_file(
+                    f, self.checksums.page_size, self.checksums.page_count
+                )
+            if actual.total != self.pos.checksum:
+                raise RecoveryError(
+                    f"database {self.name} does not match its position {self.pos} after "
+                    "demotion; it will be re-snapshotted from the new primary"
+                )
+        return "; ".join(done) or None
+
     def commit_info(self, path: Path) -> CommitInfo:
         """What listeners are told about an LTX file of this database."""
         return CommitInfo(self.name, self.pos.txid, path, path.stat().st_size, self.last_commit_ms)
@@ -791,6 +880,11 @@ class Database:
             self._read_db_header(fd)
         except SQLiteFormatError:
             pass
+
+
+def _is_journal_invalidation(offset: int, data: bytes) -> bool:
+    """journal_mode=PERSIST invalidates the journal by zeroing its first 28 bytes."""
+    return offset == 0 and len(data) >= len(ZERO_HEADER) and data[: len(ZERO_HEADER)] == ZERO_HEADER
 
 
 @dataclass(frozen=True)

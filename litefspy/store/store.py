@@ -262,8 +262,14 @@ class Store:
             return await trio.to_thread.run_sync(locks.exclusive, name, wal, writers)
         return await trio.to_thread.run_sync(locks.read, name, wal)
 
-    async def apply_ltx(self, name: str, path: Path) -> Position:
-        """Replica side: apply one complete received LTX file (see module docs)."""
+    async def apply_ltx(self, name: str, path: Path, *, set_aside: bool = False) -> Position:
+        """Replica side: apply one complete received LTX file (see module docs).
+
+        `set_aside` (with a snapshot): the primary says this node's history diverged
+        from its own (e.g. a deposed primary's unreplicated transactions); the
+        node's LTX files and a copy of its database are kept under
+        `<data>/dbs/NAME/aside-<ms>/` instead of being dropped.
+        """
         header, trailer = await trio.to_thread.run_sync(verify_file, path)
         db = self.get(name)
         if db is None:
@@ -284,7 +290,7 @@ class Store:
         ):
             raise ReplicationError(f"page size change for {name} needs a snapshot")
         final = db.ltx_path(header.min_txid, header.max_txid)
-        await trio.to_thread.run_sync(self._install_ltx, db, header, path, final)
+        await trio.to_thread.run_sync(self._install_ltx, db, header, path, final, set_aside)
         current = db.checksums.copy() if db.checksums is not None else None
         wal = db.is_wal_mode()
         held = await self._lock(name, wal, exclusive=True)
@@ -302,19 +308,22 @@ class Store:
         )
         return pos
 
-    def _install_ltx(self, db: Database, header: Header, src: Path, final: Path) -> None:
+    def _install_ltx(
+        self, db: Database, header: Header, src: Path, final: Path, set_aside: bool
+    ) -> None:
         """Write-ahead: the file is in ltx/ before the database changes (recovery re-applies)."""
         db.ensure_dirs()
         if header.is_snapshot:
-            ahead = db.pos.txid > header.max_txid or (
-                db.pos.txid == header.max_txid and db.pos.checksum != header.pre_apply_checksum
-            )
+            ahead = db.pos.txid > header.max_txid
             old = [p for _, _, p in db.ltx_files()]
-            if ahead and old:
-                aside = db.dir / f"ltx.aside-{int(time.time() * 1000)}"
+            if (ahead or set_aside) and old:
+                aside = db.dir / f"aside-{int(time.time() * 1000)}"
                 aside.mkdir()
+                if db.exists():
+                    shutil.copyfile(db.db_path, aside / "database")
                 for p in old:
                     os.rename(p, aside / p.name)
+                fsync_dir(aside)
                 log.warning(
                     "replica history diverged from the primary; its LTX files were set aside %s",
                     kv(db=db.name, pos=db.pos, path=aside),
@@ -381,6 +390,40 @@ class Store:
             page_size = read_page_size(db.db_path)
             if page_size:
                 self._locks.reset_wal_index(name, page_size)
+
+    # ------------------------------------------------------------ roles
+
+    async def demote(self) -> None:
+        """Primary -> replica: refuse writes at once, then leave only committed state.
+
+        Connections mid-transaction may still roll back (see Database); once no
+        SQLite connection holds a lock, litefspy rolls back any hot journal itself
+        and folds the captured WAL frames into the database file. A database
+        that cannot be settled gets position 0 so the new primary re-snapshots it.
+        """
+        self.set_writable(False)
+        for db in self.databases():
+            wal = db.is_wal_mode()
+            try:
+                held = await self._lock(db.name, wal, exclusive=True, writers=True)
+            except DatabaseError as exc:
+                log.error("could not lock database for demotion %s: %s", kv(db=db.name), exc)
+                continue
+            try:
+                done = await trio.to_thread.run_sync(db.settle_after_demotion)
+                await trio.to_thread.run_sync(self._after_apply, db.name, wal)
+            except (OSError, DatabaseError) as exc:
+                log.error("database needs a snapshot after demotion %s: %s", kv(db=db.name), exc)
+                db.pos = Position(0, 0)
+                continue
+            finally:
+                await trio.to_thread.run_sync(held.release)
+            if done:
+                log.info("settled database after demotion %s: %s", kv(db=db.name), done)
+
+    def promote(self) -> None:
+        """Replica -> primary: accept writes (the caller has caught up first)."""
+        self.set_writable(True)
 
     # ------------------------------------------------------- import / export
 
