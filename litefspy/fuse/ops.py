@@ -379,6 +379,9 @@ class Operations(pyfuse3.Operations):
         if handle.fd < 0:
             return
         try:
+            if handle.db is not None and handle.db.unsynced:
+                # The application asks for durability: its LTX history first.
+                handle.db.sync_pending()
             if datasync:
                 os.fdatasync(handle.fd)
             else:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from litefspy.errors import DatabaseError, LTXError, ReadOnlyError, RecoveryError, SQLiteFormatError
 from litefspy.logs import kv
+from litefspy.ltx.apply import apply_ltx
 from litefspy.ltx.checksum import PageChecksums, page_checksum
 from litefspy.ltx.decoder import Decoder, verify_file
 from litefspy.ltx.encoder import Encoder
@@ -114,6 +115,8 @@ class Database:
         self._db_fd: int | None = None
         self._is_wal_db = False
         self.last_commit_ms = 0
+        # LTX files written but not yet fsynced (WAL commits), oldest first.
+        self.unsynced: list[Path] = []
 
     # ----------------------------------------------------------------- paths
 
@@ -484,6 +487,7 @@ class Database:
             base,
             full=full,
             wal=(commit.start, commit.end - commit.start, commit.salt1, commit.salt2),
+            durable=False,
         )
         if 1 in commit.pages:
             first = os.pread(wal_fd, DB_HEADER_SIZE, commit.pages[1])
@@ -513,11 +517,15 @@ class Database:
         full: bool,
         wal: tuple[int, int, int, int] = (0, 0, 0, 0),
         notify: bool = True,
+        durable: bool = True,
     ) -> Path | None:
         """Encode the pages as the next LTX file; None if nothing changed.
 
         `notify=False` when called from a worker thread: the caller notifies
-        listeners from the trio thread.
+        listeners from the trio thread. `durable=False` (WAL commits) leaves the
+        fsync to `sync_pending`, which runs before SQLite's own fsync of the WAL
+        returns (or within a second for synchronous=NORMAL): the LTX history is
+        then exactly as durable as the application asked its database to be.
         """
         self.ensure_dirs()
         txid = self.pos.txid + 1
@@ -552,9 +560,14 @@ class Database:
                 return None
             enc.finish(checksums.total)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.rename(tmp, final)
-        fsync_dir(self.ltx_dir)
+        if durable:
+            self.sync_pending()
+            fsync_dir(self.ltx_dir)
+        else:
+            self.unsynced.append(final)
         self.checksums = checksums
         self.pos = Position(txid, checksums.total)
         self.last_commit_ms = now_ms
@@ -564,6 +577,16 @@ class Database:
                 CommitInfo(self.name, txid, final, final.stat().st_size, now_ms),
             )
         return final
+
+    def sync_pending(self) -> None:
+        """Make every LTX file written so far durable (file data, then the directory)."""
+        if self.unsynced:
+            sync_files(self.take_unsynced(), self.ltx_dir)
+
+    def take_unsynced(self) -> list[Path]:
+        """Hand the not-yet-fsynced LTX files to a caller that will sync them."""
+        pending, self.unsynced = self.unsynced, []
+        return pending
 
     def _verify_full(self) -> None:
         """strict-verify: recompute the whole checksum from the committed pages."""
@@ -762,7 +785,52 @@ class Database:
             self.checksums = None
             return
         assert newest is not None
-        self._reapply_newest(newest, header.page_size, trailer.post_apply_checksum)
+        if not self._roll_forward(files, header.page_size, trailer.post_apply_checksum):
+            self._reapply_newest(newest, header.page_size, trailer.post_apply_checksum)
+        try:
+            self._read_db_header(self._db_reader())
+        except SQLiteFormatError:
+            pass
+
+    def _roll_forward(
+        self, files: list[tuple[int, int, Path]], page_size: int, expected: int
+    ) -> bool:
+        """Bring the database forward along its LTX history; True if it now matches.
+
+        WAL commits are recorded before their LTX file is fsynced (see _write_ltx),
+        so after a power loss the database (with its surviving WAL frames) can be
+        at the state of an older LTX file than the newest. Find that file by its
+        post-apply checksum and re-apply the ones after it, in order, each checked
+        against its pre-apply checksum.
+        """
+        fd = self._db_reader()
+        size = os.fstat(fd).st_size
+        if size % page_size:
+            return False
+        checksums = self._checksums_of(fd, page_size, size // page_size)
+        if checksums.total == expected:
+            self.checksums = checksums
+            return True
+        start = None
+        for i in range(len(files) - 2, -1, -1):
+            if _post_apply_checksum(files[i][2]) == checksums.total:
+                start = i + 1
+                break
+        if start is None:
+            return False
+        with os.fdopen(os.dup(fd), "r+b") as db:
+            for _, _, path in files[start:]:
+                with open(path, "rb") as f:
+                    apply_ltx(db, f, checksums)
+            db.flush()
+            os.fsync(db.fileno())
+        log.warning(
+            "database was behind its LTX history (writes lost before they were "
+            "durable); rolled forward %s",
+            kv(db=self.name, files=len(files) - start, pos=self.pos),
+        )
+        self.checksums = checksums
+        return checksums.total == expected
 
     def _recover_wal(self, header: Header | None) -> None:
         """Checkpoint the captured WAL frames into the database; set the rest aside."""
@@ -876,10 +944,27 @@ class Database:
                 f"`litefspy import`), or move {self.dir} aside"
             )
         self.checksums = checksums
+
+
+def sync_files(paths: list[Path], directory: Path) -> None:
+    """fsync each file (gone ones are skipped: retention removed them), then the directory."""
+    for path in paths:
         try:
-            self._read_db_header(fd)
-        except SQLiteFormatError:
-            pass
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(directory)
+
+
+def _post_apply_checksum(path: Path) -> int:
+    """The post-apply checksum in an LTX file's trailer (its last 16 bytes)."""
+    with open(path, "rb") as f:
+        f.seek(-16, os.SEEK_END)
+        return int.from_bytes(f.read(8), "big")
 
 
 def _is_journal_invalidation(offset: int, data: bytes) -> bool:

@@ -36,6 +36,7 @@ from litefspy.store.database import (
     FileKind,
     Position,
     fsync_dir,
+    sync_files,
     write_snapshot,
 )
 from litefspy.store.locks import HeldLocks, MountLocks
@@ -164,7 +165,24 @@ class Store:
 
     def close(self) -> None:
         for db in self._dbs.values():
+            try:
+                db.sync_pending()
+            except OSError as exc:
+                log.error("could not sync LTX files at shutdown %s: %s", kv(db=db.name), exc)
             db.close()
+
+    async def run_flusher(self, interval: float = 1.0) -> None:
+        """Background task: fsync LTX files of WAL commits within `interval` seconds.
+
+        Applications using synchronous=NORMAL never fsync their WAL per commit;
+        this bounds how much of the LTX history a power loss can take with it.
+        """
+        while True:
+            await trio.sleep(interval)
+            for db in self.databases():
+                if db.unsynced:
+                    pending = db.take_unsynced()
+                    await trio.to_thread.run_sync(sync_files, pending, db.ltx_dir)
 
     def _make(self, name: str) -> Database:
         db = Database(
