@@ -198,3 +198,48 @@ def test_non_sqlite_writes_and_unsupported_journal_modes_are_refused(node: NodeP
     assert "no transaction is open" in node.log()
     time.sleep(0.1)
     assert node.proc is not None and node.proc.poll() is None  # the mount survived
+
+
+def test_ltx_file_cut_short_by_a_crash_is_dropped(node: NodeProcess, tmp_path: Path) -> None:
+    """A WAL commit's LTX file is synced with the WAL: after a power loss the newest
+    file can be cut short together with the commit's frames. Recovery drops it."""
+    conn = connect(node.db("app.db"), "wal", synchronous="normal", wal_autocheckpoint=0)
+    conn.execute("CREATE TABLE t (i INTEGER PRIMARY KEY, v BLOB)")
+    for _ in range(4):
+        conn.execute("INSERT INTO t VALUES (NULL, randomblob(3000))")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = node.pos("app.db")
+    conn.close()
+    node.stop()
+    saved = tmp_path / "saved"
+    shutil.copytree(node.data / "dbs" / "app.db", saved, ignore=shutil.ignore_patterns("ltx"))
+    node.start()
+    conn = connect(node.db("app.db"), "wal", synchronous="normal", wal_autocheckpoint=0)
+    conn.execute("INSERT INTO t VALUES (NULL, randomblob(3000))")
+    conn.close()
+    node.stop()
+    dbdir = node.data / "dbs" / "app.db"
+    for name in ("database", "wal", "shm"):
+        (dbdir / name).unlink(missing_ok=True)
+        if (saved / name).exists():
+            shutil.copyfile(saved / name, dbdir / name)
+    newest = node.ltx_files("app.db")[-1]
+    newest.write_bytes(newest.read_bytes()[:150])
+    node.start()
+    assert "cut short by a crash" in node.log()
+    assert node.pos("app.db") == before
+    conn = sqlite3.connect(node.db("app.db"))
+    assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 4
+    conn.close()
+    assert_reproduces(node, "app.db", "wal", tmp_path)
+
+
+def test_synced_ltx_whose_rename_was_lost_is_recovered(node: NodeProcess) -> None:
+    _write_rows(node, "delete", 6)
+    expected = node.pos("app.db")
+    node.stop()
+    newest = node.ltx_files("app.db")[-1]
+    newest.rename(newest.with_name(newest.name + ".tmp"))
+    node.start()
+    assert node.pos("app.db") == expected
+    assert "rename was lost" in node.log()

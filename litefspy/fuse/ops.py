@@ -151,7 +151,13 @@ class Operations(pyfuse3.Operations):
         entry.st_blksize = st.st_blksize
         entry.st_blocks = st.st_blocks
         entry.st_atime_ns = st.st_atime_ns
-        entry.st_mtime_ns = st.st_mtime_ns
+        # Whole seconds: the kernel drops a file's cached pages whenever a fresh
+        # getattr shows another mtime than it had (FUSE's auto_inval_data, which
+        # pyfuse3 cannot turn off), and SQLite fstats the database on every read
+        # transaction. Nanosecond mtimes would empty the page cache after every
+        # commit; whole seconds do it at most once a second, and tools that compare
+        # mtimes (backups, rsync) still see every change within a second.
+        entry.st_mtime_ns = st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000
         entry.st_ctime_ns = st.st_ctime_ns
         entry.attr_timeout = entry.entry_timeout = CACHE_TIMEOUT
         return entry

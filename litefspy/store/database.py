@@ -19,6 +19,8 @@ tail, or the LTX file, which startup recovery re-applies.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -560,21 +562,23 @@ class Database:
                 return None
             enc.finish(checksums.total)
             f.flush()
+            size = f.tell()
             if durable:
-                os.fsync(f.fileno())
+                # Content durable before the name exists: a final-named file is then
+                # never torn. The rename itself becomes durable with the next sync;
+                # if a crash loses it, recovery promotes the valid .tmp file.
+                syncfs(f.fileno())
         os.rename(tmp, final)
-        if durable:
-            self.sync_pending()
-            fsync_dir(self.ltx_dir)
-        else:
+        if not durable:
             self.unsynced.append(final)
         self.checksums = checksums
         self.pos = Position(txid, checksums.total)
         self.last_commit_ms = now_ms
-        log.debug("commit %s", kv(db=self.name, txid=f"{txid:016x}", pages=wrote))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("commit %s", kv(db=self.name, txid=f"{txid:016x}", pages=wrote))
         if notify and self.on_commit is not None:
             self.on_commit(
-                CommitInfo(self.name, txid, final, final.stat().st_size, now_ms),
+                CommitInfo(self.name, txid, final, size, now_ms),
             )
         return final
 
@@ -748,9 +752,8 @@ class Database:
     def recover(self) -> None:
         """Bring the directory to a consistent state at startup (DESIGN.md decision 6)."""
         self.ensure_dirs()
-        for leftover in self.ltx_dir.glob("*.tmp"):
-            leftover.unlink()
-        files = self.ltx_files()
+        self._promote_synced_tmp_files()
+        files = self._drop_torn_tail(self.ltx_files())
         newest = files[-1][2] if files else None
         header = trailer = None
         if newest is not None:
@@ -831,6 +834,49 @@ class Database:
         )
         self.checksums = checksums
         return checksums.total == expected
+
+    def _promote_synced_tmp_files(self) -> None:
+        """A valid .tmp LTX file was synced before its rename: keep it, else drop it."""
+        for tmp in sorted(self.ltx_dir.glob("*.ltx.tmp")):
+            final = tmp.with_name(tmp.name[: -len(".tmp")])
+            try:
+                verify_file(tmp)
+                parse_filename(final.name)
+            except LTXError:
+                tmp.unlink()
+                continue
+            if final.exists():
+                tmp.unlink()
+            else:
+                os.rename(tmp, final)
+                log.info(
+                    "recovered LTX file whose rename was lost %s", kv(db=self.name, file=final.name)
+                )
+        fsync_dir(self.ltx_dir)
+
+    def _drop_torn_tail(self, files: list[tuple[int, int, Path]]) -> list[tuple[int, int, Path]]:
+        """Remove newest LTX files that a crash cut short (WAL commits, never synced).
+
+        WAL commits' LTX files are fsynced only when the application syncs its WAL
+        (see _write_ltx), so after a power loss the newest ones may be truncated;
+        their transactions were never acknowledged as durable. A full-length file
+        that fails its checksum is corruption, not a crash: recovery refuses it.
+        """
+        while files:
+            path = files[-1][2]
+            try:
+                verify_file(path)
+                return files
+            except LTXError as exc:
+                if "truncated:" not in str(exc):
+                    return files
+                log.warning(
+                    "dropping an LTX file cut short by a crash (its commit was never synced) %s",
+                    kv(db=self.name, file=path.name),
+                )
+                path.unlink()
+                files = files[:-1]
+        return files
 
     def _recover_wal(self, header: Header | None) -> None:
         """Checkpoint the captured WAL frames into the database; set the rest aside."""
@@ -946,18 +992,30 @@ class Database:
         self.checksums = checksums
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): flush every dirty file and directory entry of fd's filesystem.
+
+    One call makes a batch of new LTX files (data and names) durable with a
+    single journal commit, where fsync per file and per directory would cost one
+    commit each.
+    """
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def sync_files(paths: list[Path], directory: Path) -> None:
-    """fsync each file (gone ones are skipped: retention removed them), then the directory."""
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fsync_dir(directory)
+    """Make the files (and their names in `directory`) durable."""
+    if not paths:
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
 
 
 def _post_apply_checksum(path: Path) -> int:
