@@ -300,7 +300,7 @@ class Operations(pyfuse3.Operations):
         All handles of a file use the same mode, so no stale cache can arise.
         """
         if kind in (FileKind.JOURNAL, FileKind.WAL):
-            return pyfuse3.FileInfo(fh=fh, direct_io=True)  # type: ignore[arg-type]
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @staticmethod
