@@ -107,6 +107,8 @@ class Node:
                         self.config.data.retention,
                         self.config.data.retention_monitor_interval,
                     )
+                    # WAL commits under synchronous=NORMAL leave their LTX fsync to this.
+                    nursery.start_soon(self.store.run_flusher)
                     if self.client is not None:
                         nursery.start_soon(self.client.run)
                     log.info(
