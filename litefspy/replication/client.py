@@ -74,12 +74,14 @@ class _Incoming:
     last), so a small file costs a single thread hop.
     """
 
-    def __init__(self, name: str, path: Path, size: int, snapshot: bool) -> None:
+    def __init__(self, name: str, path: Path, size: int, *, snapshot: bool, diverged: bool) -> None:
         self.name = name
         self.path = path
         self.size = size
         # Built by the primary for this replica (not a file of the history).
         self.snapshot = snapshot
+        # The primary found this replica's history different from its own.
+        self.diverged = diverged
         self.written = 0
         self.file: BinaryIO | None = None
 
@@ -308,7 +310,13 @@ class ReplicationClient:
                 )
             if not valid_database_name(name):
                 raise ReplicationError(f"protocol error: invalid database name {name!r}")
-            incoming = _Incoming(name, self.store.incoming_path(name), chunk.size, chunk.snapshot)
+            incoming = _Incoming(
+                name,
+                self.store.incoming_path(name),
+                chunk.size,
+                snapshot=chunk.snapshot,
+                diverged=chunk.snapshot and chunk.diverged,
+            )
             self._incoming = incoming
         elif incoming is None or incoming.name != name:
             raise ReplicationError(f"protocol error: LTX chunk for {name} without its first chunk")
@@ -333,7 +341,7 @@ class ReplicationClient:
         name = incoming.name
         started = time.perf_counter()
         try:
-            pos = await self.store.apply_ltx(name, incoming.path)
+            pos = await self.store.apply_ltx(name, incoming.path, set_aside=incoming.diverged)
         except LitefspyError as exc:
             self.stats.apply_errors += 1
             self._needs_snapshot.add(name)

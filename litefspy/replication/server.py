@@ -221,7 +221,7 @@ class ReplicationServer:
                 return
             if not db.exists() and have is None:
                 return  # deleted before this replica ever had it
-            opened = await self._next_file(session, db, have, target)
+            opened, diverged = await self._next_file(session, db, have, target)
             if opened is not None:
                 await self._send_open(session, name, opened, send, snapshot=False)
                 continue
@@ -234,45 +234,48 @@ class ReplicationServer:
                         kv(db=name, replica=session.hostname, replica_pos=have),
                     )
                 return
-            await self._send_snapshot(session, db, send)
+            await self._send_snapshot(session, db, send, diverged=diverged)
 
     async def _next_file(
         self, session: ReplicaSession, db: Database, have: Position | None, target: Position
-    ) -> OpenLTX | None:
-        """The file that continues the replica's position, opened; None if there is none."""
+    ) -> tuple[OpenLTX | None, bool]:
+        """(the file that continues the replica's position, opened, or None; whether the
+        replica's history is known to differ from the primary's)."""
         if have is None:
             if target.txid > MAX_FILES_FROM_START:
-                return None
+                return None, False
             have = Position(0, 0)
         if have.txid >= target.txid:
-            return None  # replica ahead
+            return None, True  # ahead, or the same TXID with another checksum
         opened = await trio.to_thread.run_sync(
             _open_continuation, db, have.txid + 1, self.chunk_size
         )
         if opened is None:
-            return None
+            return None, False  # retention removed it: nothing says the history differs
         header = opened.header
         if header.pre_apply_checksum != have.checksum:
-            log.info(
-                "replica history differs from the primary's; sending a snapshot %s",
-                kv(
-                    db=db.name,
-                    replica=session.hostname,
-                    replica_pos=have,
-                    pre_apply=f"{header.pre_apply_checksum:016x}",
-                ),
-            )
             opened.close()
-            return None
-        return opened
+            return None, True
+        return opened, False
 
     async def _send_snapshot(
-        self, session: ReplicaSession, db: Database, send: trio.MemorySendChannel[Frame]
+        self,
+        session: ReplicaSession,
+        db: Database,
+        send: trio.MemorySendChannel[Frame],
+        *,
+        diverged: bool,
     ) -> None:
         name = db.name
         log.info(
             "sending snapshot %s",
-            kv(db=name, replica=session.hostname, replica_pos=session.positions.get(name)),
+            kv(
+                db=name,
+                replica=session.hostname,
+                replica_pos=session.positions.get(name),
+                primary_pos=db.pos,
+                reason="replica history differs" if diverged else "no usable position",
+            ),
         )
         try:
             path = await self.store.snapshot(name)
@@ -285,7 +288,7 @@ class ReplicationServer:
             opened = await trio.to_thread.run_sync(open_ltx, path, self.chunk_size)
         finally:
             path.unlink(missing_ok=True)
-        await self._send_open(session, name, opened, send, snapshot=True)
+        await self._send_open(session, name, opened, send, snapshot=True, diverged=diverged)
 
     async def _send_open(
         self,
@@ -295,6 +298,7 @@ class ReplicationServer:
         send: trio.MemorySendChannel[Frame],
         *,
         snapshot: bool,
+        diverged: bool = False,
     ) -> None:
         """Send one opened LTX file as chunks, then record the replica's new position."""
         try:
@@ -310,6 +314,7 @@ class ReplicationServer:
                     last=last,
                     size=opened.size if first else 0,
                     snapshot=snapshot and first,
+                    diverged=diverged and first,
                 )
                 await send.send(Frame(ltx=chunk))
                 if last:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlitefspy/v1/replication.proto\x12\x0blitefspy.v1\"8\n\x08Position\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04txid\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\"\x98\x01\n\rStreamRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12(\n\tpositions\x18\x04 \x03(\x0b\x32\x15.litefspy.v1.Position\x12\x15\n\radvertise_url\x18\x05 \x01(\t\x12\x0f\n\x07offline\x18\x06 \x03(\t\"\xfd\x01\n\x0bStreamFrame\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.litefspy.v1.HelloH\x00\x12$\n\x03ltx\x18\x02 \x01(\x0b\x32\x15.litefspy.v1.LTXChunkH\x00\x12#\n\x05ready\x18\x03 \x01(\x0b\x32\x12.litefspy.v1.ReadyH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.litefspy.v1.HeartbeatH\x00\x12\x1f\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x10.litefspy.v1.EndH\x00\x12\'\n\x07handoff\x18\x06 \x01(\x0b\x32\x14.litefspy.v1.HandoffH\x00\x42\x07\n\x05\x66rame\"d\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\radvertise_url\x18\x03 \x01(\t\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"c\n\x08LTXChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x66irst\x18\x03 \x01(\x08\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x10\n\x08snapshot\x18\x06 \x01(\x08\"\x07\n\x05Ready\"\x1c\n\tHeartbeat\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\"\x15\n\x03\x45nd\x12\x0e\n\x06reason\x18\x01 \x01(\t\"0\n\x07Handoff\x12\x16\n\x0etarget_node_id\x18\x01 \x01(\x04\x12\r\n\x05token\x18\x02 \x01(\t2O\n\x0bReplication\x12@\n\x06Stream\x12\x1a.litefspy.v1.StreamRequest\x1a\x18.litefspy.v1.StreamFrame0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlitefspy/v1/replication.proto\x12\x0blitefspy.v1\"8\n\x08Position\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04txid\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\"\x98\x01\n\rStreamRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12(\n\tpositions\x18\x04 \x03(\x0b\x32\x15.litefspy.v1.Position\x12\x15\n\radvertise_url\x18\x05 \x01(\t\x12\x0f\n\x07offline\x18\x06 \x03(\t\"\xfd\x01\n\x0bStreamFrame\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.litefspy.v1.HelloH\x00\x12$\n\x03ltx\x18\x02 \x01(\x0b\x32\x15.litefspy.v1.LTXChunkH\x00\x12#\n\x05ready\x18\x03 \x01(\x0b\x32\x12.litefspy.v1.ReadyH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.litefspy.v1.HeartbeatH\x00\x12\x1f\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x10.litefspy.v1.EndH\x00\x12\'\n\x07handoff\x18\x06 \x01(\x0b\x32\x14.litefspy.v1.HandoffH\x00\x42\x07\n\x05\x66rame\"d\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\radvertise_url\x18\x03 \x01(\t\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"u\n\x08LTXChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x66irst\x18\x03 \x01(\x08\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x10\n\x08snapshot\x18\x06 \x01(\x08\x12\x10\n\x08\x64iverged\x18\x07 \x01(\x08\"\x07\n\x05Ready\"\x1c\n\tHeartbeat\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\"\x15\n\x03\x45nd\x12\x0e\n\x06reason\x18\x01 \x01(\t\"0\n\x07Handoff\x12\x16\n\x0etarget_node_id\x18\x01 \x01(\x04\x12\r\n\x05token\x18\x02 \x01(\t2O\n\x0bReplication\x12@\n\x06Stream\x12\x1a.litefspy.v1.StreamRequest\x1a\x18.litefspy.v1.StreamFrame0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO']._serialized_start=515
   _globals['_HELLO']._serialized_end=615
   _globals['_LTXCHUNK']._serialized_start=617
-  _globals['_LTXCHUNK']._serialized_end=716
-  _globals['_READY']._serialized_start=718
-  _globals['_READY']._serialized_end=725
-  _globals['_HEARTBEAT']._serialized_start=727
-  _globals['_HEARTBEAT']._serialized_end=755
-  _globals['_END']._serialized_start=757
-  _globals['_END']._serialized_end=778
-  _globals['_HANDOFF']._serialized_start=780
-  _globals['_HANDOFF']._serialized_end=828
-  _globals['_REPLICATION']._serialized_start=830
-  _globals['_REPLICATION']._serialized_end=909
+  _globals['_LTXCHUNK']._serialized_end=734
+  _globals['_READY']._serialized_start=736
+  _globals['_READY']._serialized_end=743
+  _globals['_HEARTBEAT']._serialized_start=745
+  _globals['_HEARTBEAT']._serialized_end=773
+  _globals['_END']._serialized_start=775
+  _globals['_END']._serialized_end=796
+  _globals['_HANDOFF']._serialized_start=798
+  _globals['_HANDOFF']._serialized_end=846
+  _globals['_REPLICATION']._serialized_start=848
+  _globals['_REPLICATION']._serialized_end=927
 # @@protoc_insertion_point(module_scope)

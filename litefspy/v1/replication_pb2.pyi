@@ -193,6 +193,7 @@ class LTXChunk(_message.Message):
     LAST_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
+    DIVERGED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Database name."""
     data: _builtins.bytes
@@ -206,6 +207,11 @@ class LTXChunk(_message.Message):
     """Set on the first chunk of a snapshot the primary built for this replica
     (because it had no usable position), as opposed to a file from the history.
     """
+    diverged: _builtins.bool
+    """Set with `snapshot` when the replica's history is known to differ from the
+    primary's (it is ahead, or its checksum does not continue the primary's
+    history): the replica keeps its old LTX files and database aside.
+    """
     def __init__(
         self,
         *,
@@ -215,10 +221,11 @@ class LTXChunk(_message.Message):
         last: _builtins.bool = ...,
         size: _builtins.int = ...,
         snapshot: _builtins.bool = ...,
+        diverged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "first", b"first", "last", b"last", "name", b"name", "size", b"size", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "diverged", b"diverged", "first", b"first", "last", b"last", "name", b"name", "size", b"size", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
