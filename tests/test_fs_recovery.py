@@ -243,3 +243,17 @@ def test_synced_ltx_whose_rename_was_lost_is_recovered(node: NodeProcess) -> Non
     node.start()
     assert node.pos("app.db") == expected
     assert "rename was lost" in node.log()
+
+
+def test_restart_over_a_stale_mount_cleans_it_up(node: NodeProcess) -> None:
+    _write_rows(node, "delete", 3)
+    expected = node.pos("app.db")
+    assert node.proc is not None
+    node.proc.kill()
+    node.proc.wait()
+    node.proc = None  # leave the dead mount in place, as a crash would
+    with pytest.raises(OSError):
+        os.stat(node.mnt / "app.db")  # ENOTCONN: "Transport endpoint is not connected"
+    node.start()
+    assert "cleaning up stale mount" in node.log()
+    assert node.pos("app.db") == expected
