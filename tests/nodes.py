@@ -87,7 +87,10 @@ class NodeProcess:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node {self.name} exited early:\n{self.log()}")
-            return (self.mnt / ".lag").exists()
+            try:
+                return (self.mnt / ".lag").exists()
+            except OSError:
+                return False  # a dead mount left behind, not cleaned up yet
 
         wait_for(ready, timeout, what=f"{self.name} to mount")
 
