@@ -18,6 +18,18 @@ from litefspy.logs import kv
 log = logging.getLogger(__name__)
 
 
+def _is_dead_mount(mountpoint: Path) -> bool:
+    """A FUSE mount whose daemon is gone: listing it fails with ENOTCONN.
+
+    stat() is not enough: the kernel may still answer it from cached attributes.
+    """
+    try:
+        os.listdir(mountpoint)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
 def cleanup_stale_mount(mountpoint: Path) -> None:
     """Lazily unmount a dead FUSE mount left by a killed process; refuse a live one."""
     try:
@@ -28,6 +40,7 @@ def cleanup_stale_mount(mountpoint: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise
+    if _is_dead_mount(mountpoint):
         log.warning("cleaning up stale mount %s", kv(dir=mountpoint))
         tool = shutil.which("fusermount3") or "fusermount3"
         subprocess.run([tool, "-u", "-z", str(mountpoint)], check=False, capture_output=True)
