@@ -211,3 +211,29 @@ def test_a_node_never_replicates_from_itself(node_factory) -> None:
     assert not (node.mnt / ".primary").exists()
     assert node.proc is not None and node.proc.poll() is None
     node.stop(signal.SIGINT)
+
+
+def test_offline_database_on_the_replica_is_left_alone(node_factory) -> None:
+    primary = node_factory("primary").start()
+    replica = replica_of(node_factory, primary, "replica").start()
+    conns = {}
+    for name in ("a.db", "b.db"):
+        conns[name] = connect(primary.db(name), "delete")
+        conns[name].execute("CREATE TABLE t (x)")
+        wait_same_pos(primary, [replica], name)
+    replica.stop()
+    # The replica's newest LTX of a.db is damaged: its recovery takes a.db offline.
+    newest = replica.ltx_files("a.db")[-1]
+    newest.write_bytes(b"LTX1" + bytes(200))
+    for conn in conns.values():
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.close()
+    replica.start()
+    wait_same_pos(primary, [replica], "b.db")
+    time.sleep(0.5)
+    log = replica.log_path.read_text()
+    assert "database offline" in log
+    assert "cannot apply" not in log
+    assert "sending snapshot" not in primary.log_path.read_text()
+    assert fetch_status(replica.url).replication.apply_errors == 0
+    assert newest.read_bytes() == b"LTX1" + bytes(200)

@@ -21,6 +21,7 @@ own pace.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ HEARTBEAT_INTERVAL = 1.0
 # otherwise. (A database created while the replica is connected thus arrives
 # as its first file, not as a snapshot.)
 MAX_FILES_FROM_START = 16
+RETRY_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class ReplicaSession:
     wake: trio.Event = field(default_factory=trio.Event)
     # Deleted databases this replica cannot follow (it diverged before the delete).
     skipped: set[str] = field(default_factory=set)
+    # Databases the replica holds offline (failed recovery): left alone.
+    offline: set[str] = field(default_factory=set)
+    # Databases whose snapshot failed: retried every RETRY_INTERVAL.
+    failing: set[str] = field(default_factory=set)
 
 
 class ReplicationServer:
@@ -132,6 +138,7 @@ class ReplicationServer:
             positions={
                 p.name: Position(p.txid, p.checksum) for p in request.positions if p.txid > 0
             },
+            offline=set(request.offline),
         )
         ctx = kv(replica=f"{request.node_id:016X}", hostname=request.hostname, peer=peer)
         log.info("replica connected %s", ctx)
@@ -206,7 +213,8 @@ class ReplicationServer:
                     "replica caught up %s",
                     kv(replica=session.hostname, databases=len(session.positions)),
                 )
-            await session.wake.wait()
+            with trio.move_on_after(RETRY_INTERVAL if session.failing else math.inf):
+                await session.wake.wait()
 
     # --------------------------------------------------------- per database
 
@@ -214,6 +222,8 @@ class ReplicationServer:
         self, session: ReplicaSession, db: Database, send: trio.MemorySendChannel[Frame]
     ) -> None:
         name = db.name
+        if name in session.offline:
+            return
         while self._ending is None:
             target = db.pos
             have = session.positions.get(name)
@@ -234,7 +244,8 @@ class ReplicationServer:
                         kv(db=name, replica=session.hostname, replica_pos=have),
                     )
                 return
-            await self._send_snapshot(session, db, send, diverged=diverged)
+            if not await self._send_snapshot(session, db, send, diverged=diverged):
+                return
 
     async def _next_file(
         self, session: ReplicaSession, db: Database, have: Position | None, target: Position
@@ -265,7 +276,8 @@ class ReplicationServer:
         send: trio.MemorySendChannel[Frame],
         *,
         diverged: bool,
-    ) -> None:
+    ) -> bool:
+        """Build a snapshot of `db` and send it; False if it could not be built."""
         name = db.name
         log.info(
             "sending snapshot %s",
@@ -280,15 +292,18 @@ class ReplicationServer:
         try:
             path = await self.store.snapshot(name)
         except (NotFoundError, DatabaseError) as exc:
-            # Deleted or changed under us: the next pass looks again.
-            log.warning("snapshot failed %s: %s", kv(db=name), exc)
-            await trio.sleep(0.1)
-            return
+            # Deleted or changed under us, or offline: look again in a while.
+            level = logging.DEBUG if name in session.failing else logging.WARNING
+            log.log(level, "snapshot failed, will retry %s: %s", kv(db=name), exc)
+            session.failing.add(name)
+            return False
+        session.failing.discard(name)
         try:
             opened = await trio.to_thread.run_sync(open_ltx, path, self.chunk_size)
         finally:
             path.unlink(missing_ok=True)
         await self._send_open(session, name, opened, send, snapshot=True, diverged=diverged)
+        return True
 
     async def _send_open(
         self,
