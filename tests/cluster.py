@@ -79,15 +79,6 @@ def connect(path: Path, mode: str | None = None, **pragmas: object) -> sqlite3.C
     return conn
 
 
-def logical_bytes(node: NodeProcess, name: str) -> bytes:
-    """The database's committed bytes as SQLite sees them (WAL checkpointed on the primary).
-
-    On a replica the WAL cannot be checkpointed (read-only), so the logical
-    content is taken through SQLite's backup API, which reads committed pages.
-    """
-    return node.db(name).read_bytes()
-
-
 def dump(node: NodeProcess, name: str) -> list[str]:
     conn = sqlite3.connect(f"file:{node.db(name)}?mode=ro", uri=True, timeout=30)
     try:
