@@ -119,6 +119,7 @@ class Database:
         self.last_commit_ms = 0
         # LTX files written but not yet fsynced (WAL commits), oldest first.
         self.unsynced: list[Path] = []
+        self._last_changes: ChecksumChanges | None = None
 
     # ----------------------------------------------------------------- paths
 
@@ -366,6 +367,12 @@ class Database:
             if created is not None:
                 # SQLite sees the failure and will roll the journal back: so must we.
                 created.unlink(missing_ok=True)
+                if (
+                    prev_checksums is not None
+                    and self._last_changes is not None
+                    and (self._last_changes.sums is prev_checksums)
+                ):
+                    self._last_changes.rollback()
                 self.pos, self.checksums = prev_pos, prev_checksums
             raise
         self._dirty.clear()
@@ -421,12 +428,12 @@ class Database:
         full = old is None or old.page_size != page_size or self.pos.txid == 0
         if full:
             candidates: Iterator[int] = iter(range(1, commit + 1))
-            base = PageChecksums(page_size)
+            base = ChecksumChanges(PageChecksums(page_size))
         else:
             assert old is not None
             extra = range(old.page_count + 1, commit + 1)
             candidates = iter(sorted(p for p in self._dirty.union(extra) if p <= commit))
-            base = old.copy()
+            base = ChecksumChanges(old)
 
         def pages() -> Iterator[tuple[int, bytes]]:
             lock = lock_pgno(page_size)
@@ -445,7 +452,14 @@ class Database:
                 yield pgno, data
 
         base.truncate(commit)
-        return self._write_ltx(page_size, commit, pages(), base, full=full)
+        try:
+            path = self._write_ltx(page_size, commit, pages(), base, full=full)
+        except BaseException:
+            base.rollback()
+            raise
+        if path is not None:
+            self._last_changes = base
+        return path
 
     def _capture_wal(self, commit: WALCommit) -> None:
         wal_fd = self._wal_reader()
@@ -454,7 +468,7 @@ class Database:
         page_size = header.page_size
         old = self.checksums
         full = old is None or old.page_size != page_size or self.pos.txid == 0
-        base = PageChecksums(page_size) if full or old is None else old.copy()
+        base = ChecksumChanges(PageChecksums(page_size) if full or old is None else old)
 
         def page_at(pgno: int) -> bytes:
             off = commit.pages.get(pgno)
@@ -482,15 +496,19 @@ class Database:
                 yield pgno, data
 
         base.truncate(commit.commit)
-        self._write_ltx(
-            page_size,
-            commit.commit,
-            pages(),
-            base,
-            full=full,
-            wal=(commit.start, commit.end - commit.start, commit.salt1, commit.salt2),
-            durable=False,
-        )
+        try:
+            self._write_ltx(
+                page_size,
+                commit.commit,
+                pages(),
+                base,
+                full=full,
+                wal=(commit.start, commit.end - commit.start, commit.salt1, commit.salt2),
+                durable=False,
+            )
+        except BaseException:
+            base.rollback()
+            raise
         if 1 in commit.pages:
             first = os.pread(wal_fd, DB_HEADER_SIZE, commit.pages[1])
             try:
@@ -514,7 +532,7 @@ class Database:
         page_size: int,
         commit: int,
         pages: Iterator[tuple[int, bytes]],
-        checksums: PageChecksums,
+        changes: ChecksumChanges | PageChecksums,
         *,
         full: bool,
         wal: tuple[int, int, int, int] = (0, 0, 0, 0),
@@ -547,6 +565,9 @@ class Database:
             wal_salt2=wal[3],
             node_id=self.node_id,
         )
+        if isinstance(changes, PageChecksums):
+            changes = ChecksumChanges(changes)
+        checksums = changes.sums
         final = self.ltx_path(txid, txid)
         tmp = final.with_name(final.name + ".tmp")
         wrote = 0
@@ -555,8 +576,7 @@ class Database:
             for pgno, data in pages:
                 enc.write_page(pgno, data)
                 wrote += 1
-            old_commit = self.checksums.page_count if self.checksums is not None else -1
-            if wrote == 0 and not full and commit == old_commit:
+            if wrote == 0 and not full and commit == changes.original_count:
                 f.close()
                 tmp.unlink()
                 return None
@@ -1023,6 +1043,46 @@ def _post_apply_checksum(path: Path) -> int:
     with open(path, "rb") as f:
         f.seek(-16, os.SEEK_END)
         return int.from_bytes(f.read(8), "big")
+
+
+class ChecksumChanges:
+    """Changes to a PageChecksums made in place, with an undo record.
+
+    Commit capture updates the node's per-page checksums directly (copying them
+    would cost O(database size) per commit) and rolls back from this record if
+    the LTX file cannot be written or the commit cannot complete.
+    """
+
+    def __init__(self, sums: PageChecksums) -> None:
+        self.sums = sums
+        self.original_count = sums.page_count
+        self._old: dict[int, int] = {}
+
+    def get(self, pgno: int) -> int:
+        return self.sums.get(pgno)
+
+    def set(self, pgno: int, checksum: int) -> None:
+        if pgno not in self._old:
+            self._old[pgno] = self.sums.get(pgno)
+        self.sums.set(pgno, checksum)
+
+    def truncate(self, page_count: int) -> None:
+        for pgno in range(page_count + 1, self.sums.page_count + 1):
+            if pgno not in self._old:
+                self._old[pgno] = self.sums.get(pgno)
+        self.sums.truncate(page_count)
+
+    @property
+    def total(self) -> int:
+        return self.sums.total
+
+    def rollback(self) -> None:
+        """Put every changed page checksum and the page count back."""
+        self.sums.truncate(self.original_count)
+        for pgno, checksum in self._old.items():
+            if pgno <= self.original_count and checksum:
+                self.sums.set(pgno, checksum)
+        self._old.clear()
 
 
 def _is_journal_invalidation(offset: int, data: bytes) -> bool:
