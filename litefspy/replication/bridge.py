@@ -203,6 +203,117 @@ class GRPCServer:
         self._nursery: trio.Nursery | None = None
         self._tasks: set[_StreamTask] = set()
         self.port = 0
+        # Services registered with add_unary / add_server_stream / add_client_stream:
+        # service name -> method name -> grpc method handler.
+        self._extra: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------ generic registration
+    #
+    # Other modules add RPCs without importing grpc: `method` is the full name
+    # "/package.Service/Method", the types are protobuf message classes, and the
+    # handlers are trio functions. Register before `serve`.
+
+    def _register(self, method: str, handler: Any) -> None:
+        service, name = method.strip("/").split("/", 1)
+        self._extra.setdefault(service, {})[name] = handler
+
+    def add_unary(
+        self,
+        method: str,
+        handler: Callable[[Any], Awaitable[Any]],
+        request_type: Any,
+        response_type: Any,
+    ) -> None:
+        """Serve a unary RPC with `await handler(request) -> response`."""
+
+        def servicer(request: Any, context: Any) -> Any:
+            return self._run_unary(lambda: handler(request), context)
+
+        self._register(
+            method,
+            grpc.unary_unary_rpc_method_handler(
+                servicer,
+                request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString,
+            ),
+        )
+
+    def add_server_stream(
+        self,
+        method: str,
+        handler: Callable[[Any, str, trio.MemorySendChannel[Any]], Awaitable[None]],
+        request_type: Any,
+        response_type: Any,
+    ) -> None:
+        """Serve a server-streaming RPC: `await handler(request, peer, send)` sends responses."""
+
+        def servicer(request: Any, context: Any) -> Iterator[Any]:
+            return self._serve_stream(request, context, handler)
+
+        self._register(
+            method,
+            grpc.unary_stream_rpc_method_handler(
+                servicer,
+                request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString,
+            ),
+        )
+
+    def add_client_stream(
+        self,
+        method: str,
+        handler: Callable[[trio.MemoryReceiveChannel[Any], str], Awaitable[Any]],
+        request_type: Any,
+        response_type: Any,
+    ) -> None:
+        """Serve a client-streaming RPC: `await handler(receive, peer) -> response`."""
+
+        def servicer(requests: Iterator[Any], context: Any) -> Any:
+            token = self._token
+            assert token is not None
+            send, recv = trio.open_memory_channel[Any](_CHANNEL_DEPTH)
+            peer = str(context.peer())
+
+            def feed() -> None:
+                try:
+                    for item in requests:
+                        trio.from_thread.run(send.send, item, trio_token=token)
+                except _GONE:
+                    return
+                except grpc.RpcError:
+                    pass  # the client went away: the handler sees the channel end early
+                self._call_trio(send.close)
+
+            feeder = threading.Thread(target=feed, name="litefspy client stream", daemon=True)
+            feeder.start()
+            try:
+                return self._run_unary(lambda: handler(recv, peer), context)
+            finally:
+                self._call_trio(recv.close)
+
+        self._register(
+            method,
+            grpc.stream_unary_rpc_method_handler(
+                servicer,
+                request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString,
+            ),
+        )
+
+    def _run_unary(self, call: Callable[[], Awaitable[Any]], context: Any) -> Any:
+        token = self._token
+        assert token is not None
+        try:
+            return trio.from_thread.run(call, trio_token=token)
+        except (trio.RunFinishedError, trio.Cancelled):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+            raise
+        except RPCRefused as exc:
+            context.abort(exc.code.to_grpc(), str(exc))
+            raise
+        except LitefspyError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            raise
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, start, serve until cancelled; always stops the gRPC server."""
@@ -230,8 +341,13 @@ class GRPCServer:
                             self._status,
                             request_deserializer=admin_pb2.StatusRequest.FromString,
                             response_serializer=admin_pb2.StatusReply.SerializeToString,
-                        )
+                        ),
+                        **self._extra.pop(_ADMIN, {}),
                     },
+                ),
+                *(
+                    grpc.method_handlers_generic_handler(service, methods)
+                    for service, methods in self._extra.items()
                 ),
             )
         )
@@ -281,13 +397,19 @@ class GRPCServer:
 
     def _stream(self, request: replication_pb2.StreamRequest, context: Any) -> Iterator[Frame]:
         """Servicer of Replication.Stream (a gRPC pool thread)."""
+        return self._serve_stream(request, context, self._stream_handler)
+
+    def _serve_stream(self, request: Any, context: Any, handler: Any) -> Iterator[Any]:
+        """Run `handler` as a trio task and yield what it sends (a gRPC pool thread)."""
         token = self._token
         assert token is not None
         send, recv = trio.open_memory_channel[Frame | _Failure](_CHANNEL_DEPTH)
         task = _StreamTask()
         peer = str(context.peer())
         try:
-            trio.from_thread.run_sync(self._spawn, request, peer, send, task, trio_token=token)
+            trio.from_thread.run_sync(
+                self._spawn, handler, request, peer, send, task, trio_token=token
+            )
         except (trio.RunFinishedError, RuntimeError):
             context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
 
@@ -324,20 +446,22 @@ class GRPCServer:
 
     def _spawn(
         self,
-        request: replication_pb2.StreamRequest,
+        handler: Any,
+        request: Any,
         peer: str,
-        send: trio.MemorySendChannel[Frame | _Failure],
+        send: trio.MemorySendChannel[Any],
         task: _StreamTask,
     ) -> None:
         if self._nursery is None:
             raise RuntimeError("server is not running")
-        self._nursery.start_soon(self._run_stream, request, peer, send, task)
+        self._nursery.start_soon(self._run_stream, handler, request, peer, send, task)
 
     async def _run_stream(
         self,
-        request: replication_pb2.StreamRequest,
+        handler: Any,
+        request: Any,
         peer: str,
-        send: trio.MemorySendChannel[Frame | _Failure],
+        send: trio.MemorySendChannel[Any],
         task: _StreamTask,
     ) -> None:
         self._tasks.add(task)
@@ -349,14 +473,16 @@ class GRPCServer:
                         scope.cancel()
                     failure: _Failure | None = None
                     try:
-                        await self._stream_handler(request, peer, send)
+                        await handler(request, peer, send)
                     except RPCRefused as exc:
                         failure = _Failure(exc.code, str(exc))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # the replica went away
+                    except LitefspyError as exc:
+                        failure = _Failure(Code.INTERNAL, str(exc))
                     except Exception as exc:
-                        log.exception("replication stream failed %s", kv(peer=peer))
-                        failure = _Failure(Code.INTERNAL, f"replication stream failed: {exc}")
+                        log.exception("server stream failed %s", kv(peer=peer))
+                        failure = _Failure(Code.INTERNAL, f"stream failed: {exc}")
                     if failure is not None:
                         try:
                             await send.send(failure)
@@ -472,3 +598,79 @@ def fetch_status(url: str, timeout: float = 5.0) -> admin_pb2.StatusReply:
         return reply
     finally:
         channel.close()
+
+
+# ------------------------------------------------------------- generic client
+
+
+def call_unary(url: str, method: str, request: Any, response_type: Any, timeout: float) -> Any:
+    """Blocking unary call of `method` ("/pkg.Service/Method"); RemoteError on failure."""
+    channel = _channel(url)
+    try:
+        stub = channel.unary_unary(
+            method,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        try:
+            return stub(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _describe_rpc_error(exc, url) from None
+    finally:
+        channel.close()
+
+
+def call_client_stream(
+    url: str,
+    method: str,
+    requests: Iterator[Any],
+    *,
+    request_type: Any,
+    response_type: Any,
+    timeout: float,
+) -> Any:
+    """Blocking client-streaming call: sends every request, returns the one response."""
+    channel = _channel(url)
+    try:
+        stub = channel.stream_unary(
+            method,
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        try:
+            return stub(requests, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _describe_rpc_error(exc, url) from None
+    finally:
+        channel.close()
+
+
+def call_server_stream(
+    url: str, method: str, request: Any, response_type: Any, timeout: float | None = None
+) -> Iterator[Any]:
+    """Blocking server-streaming call: yields responses; RemoteError on failure."""
+    channel = _channel(url)
+    try:
+        stub = channel.unary_stream(
+            method,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        try:
+            yield from stub(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _describe_rpc_error(exc, url) from None
+    finally:
+        channel.close()
+
+
+async def acall_unary(
+    url: str, method: str, request: Any, response_type: Any, *, deadline: float
+) -> Any:
+    """`call_unary` from trio (in a worker thread, given up on cancellation).
+
+    `deadline` is the gRPC call timeout in seconds.
+    """
+    return await trio.to_thread.run_sync(
+        call_unary, url, method, request, response_type, deadline, abandon_on_cancel=True
+    )

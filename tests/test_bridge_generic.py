@@ -1,0 +1,88 @@
+"""The bridge's generic RPC registration: unary, server stream, client stream."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from litefspy.replication.bridge import (
+    Code,
+    GRPCServer,
+    RemoteError,
+    RPCRefused,
+    acall_unary,
+    call_client_stream,
+    call_server_stream,
+    call_unary,
+)
+from litefspy.v1.replication_pb2 import Heartbeat, Position
+from tests.nodes import free_port
+
+SERVICE = "/litefspy.test.Echo/"
+
+
+async def _never(*_args: object) -> None:
+    raise RPCRefused(Code.UNAVAILABLE, "not used")
+
+
+async def test_generic_rpcs_round_trip() -> None:
+    port = free_port()
+    server = GRPCServer(f"127.0.0.1:{port}", stream_handler=_never, status_handler=_never)
+
+    async def double(req: Heartbeat) -> Heartbeat:
+        if req.unix_ms < 0:
+            raise RPCRefused(Code.FAILED_PRECONDITION, "negative values are refused")
+        return Heartbeat(unix_ms=req.unix_ms * 2)
+
+    async def count_up(req: Heartbeat, peer: str, send: trio.MemorySendChannel) -> None:
+        assert peer
+        for i in range(req.unix_ms):
+            await send.send(Position(name=f"p{i}", txid=i))
+
+    async def total(recv: trio.MemoryReceiveChannel, peer: str) -> Heartbeat:
+        acc = 0
+        async for item in recv:
+            acc += item.txid
+        return Heartbeat(unix_ms=acc)
+
+    server.add_unary(SERVICE + "Double", double, Heartbeat, Heartbeat)
+    server.add_server_stream(SERVICE + "CountUp", count_up, Heartbeat, Position)
+    server.add_client_stream(SERVICE + "Total", total, Position, Heartbeat)
+    url = f"http://127.0.0.1:{port}"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+
+        reply = await acall_unary(
+            url, SERVICE + "Double", Heartbeat(unix_ms=21), Heartbeat, deadline=5
+        )
+        assert reply.unix_ms == 42
+        with pytest.raises(RemoteError, match="negative values are refused"):
+            await trio.to_thread.run_sync(
+                call_unary, url, SERVICE + "Double", Heartbeat(unix_ms=-1), Heartbeat, 5.0
+            )
+
+        def stream() -> list[int]:
+            return [
+                p.txid
+                for p in call_server_stream(
+                    url, SERVICE + "CountUp", Heartbeat(unix_ms=5), Position, 5.0
+                )
+            ]
+
+        assert await trio.to_thread.run_sync(stream) == [0, 1, 2, 3, 4]
+
+        def upload() -> int:
+            reqs = (Position(name="x", txid=i) for i in range(1, 101))
+            return int(
+                call_client_stream(
+                    url,
+                    SERVICE + "Total",
+                    reqs,
+                    request_type=Position,
+                    response_type=Heartbeat,
+                    timeout=5.0,
+                ).unix_ms
+            )
+
+        assert await trio.to_thread.run_sync(upload) == 5050
+        nursery.cancel_scope.cancel()
