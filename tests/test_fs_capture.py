@@ -210,3 +210,22 @@ def test_two_writer_processes(node: NodeProcess, tmp_path: Path, mode: str) -> N
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
     assert_reproduces(node, "c.db", mode, tmp_path)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_delete_and_recreate_database(node: NodeProcess, tmp_path: Path, mode: str) -> None:
+    conn = connect(node.db("a.db"), mode)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.close()
+    before = node.pos("a.db")
+    node.db("a.db").unlink()
+    assert not node.db("a.db").exists()
+    conn = connect(node.db("a.db"), mode)
+    conn.execute("CREATE TABLE u (y)")
+    conn.execute("INSERT INTO u VALUES (2)")
+    assert conn.execute("SELECT y FROM u").fetchall() == [(2,)]
+    conn.close()
+    # History goes on: a deletion (commit 0) then the new database's commits.
+    assert node.pos("a.db")[0] > before[0] + 1
+    assert_reproduces(node, "a.db", mode, tmp_path)

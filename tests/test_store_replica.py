@@ -170,3 +170,62 @@ async def test_replica_refuses_gaps_and_corruption(node_factory, tmp_path: Path)
         rows = await trio.to_thread.run_sync(_query, mnt / "app.db", "SELECT sum(n) FROM t")
         assert rows == [(15,)]
         nursery.cancel_scope.cancel()
+
+
+async def test_offline_database_is_repaired_by_a_snapshot(node_factory, tmp_path: Path) -> None:
+    """No wipe needed: a replica database whose history failed its check at startup
+    is replaced by the primary's snapshot, and what it had is kept aside."""
+    from litefspy.ltx.apply import apply_files, encode_database
+
+    primary: NodeProcess = node_factory("primary").start()
+    conn = sqlite3.connect(primary.db("app.db"), isolation_level=None)
+    conn.execute("CREATE TABLE t (n INTEGER)")
+    for i in range(1, 8):
+        conn.execute("INSERT INTO t VALUES (?)", (i,))
+    conn.close()
+    files = primary.ltx_files("app.db")
+    replica_root = tmp_path / "replica"
+    async with trio.open_nursery() as nursery:
+        store, _mnt = await _mounted_replica(nursery, replica_root)
+        await _apply_all(store, "app.db", files[:4])
+        nursery.cancel_scope.cancel()
+    newest = sorted((replica_root / "data/dbs/app.db/ltx").glob("*.ltx"))[-1]
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    newest.write_bytes(bytes(raw))
+    # The primary's state as a snapshot (min 1, max = its TXID).
+    materialized = tmp_path / "materialized.db"
+    txid, _ = apply_files(materialized, files)
+    snap = tmp_path / "snap.ltx"
+    encode_database(materialized, snap, txid=txid)
+    async with trio.open_nursery() as nursery:
+        store, mnt = await _mounted_replica(nursery, replica_root)
+        assert "app.db" in store.failed
+        incoming = store.incoming_path("app.db")
+        shutil.copyfile(snap, incoming)
+        pos = await store.apply_ltx("app.db", incoming)
+        assert pos.txid == len(files)
+        assert "app.db" not in store.failed
+        rows = await trio.to_thread.run_sync(_query, mnt / "app.db", "SELECT sum(n) FROM t")
+        assert rows == [(28,)]
+        asides = list((replica_root / "data/dbs/app.db").glob("aside-*"))
+        assert len(asides) == 1 and (asides[0] / "database").exists()
+        nursery.cancel_scope.cancel()
+
+
+async def test_deletion_applies_from_a_diverged_position(node_factory, tmp_path: Path) -> None:
+    primary: NodeProcess = node_factory("primary").start()
+    conn = sqlite3.connect(primary.db("app.db"), isolation_level=None)
+    conn.execute("CREATE TABLE t (n INTEGER)")
+    for i in range(1, 6):
+        conn.execute("INSERT INTO t VALUES (?)", (i,))
+    conn.close()
+    (primary.mnt / "app.db").unlink()
+    files = primary.ltx_files("app.db")
+    async with trio.open_nursery() as nursery:
+        store, mnt = await _mounted_replica(nursery, tmp_path / "replica")
+        await _apply_all(store, "app.db", files[:3])  # behind: misses files 4..n-1
+        await _apply_all(store, "app.db", files[-1:])  # the deletion
+        assert not await trio.to_thread.run_sync((mnt / "app.db").exists)
+        assert list((tmp_path / "replica/data/dbs/app.db").glob("aside-*"))
+        nursery.cancel_scope.cancel()

@@ -432,6 +432,15 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             db.unlink(kind)
             self.inodes.retire(db_name, kind)
+            if kind is FileKind.DATABASE:
+                # Deleting a database removes its sidecars too, behind the kernel's
+                # back: drop their cached entries (asynchronously: the kernel holds
+                # the directory while this unlink is in progress).
+                for sidecar in (FileKind.JOURNAL, FileKind.WAL, FileKind.SHM, Special.POS):
+                    self.inodes.retire(db_name, sidecar)
+                    pyfuse3.invalidate_entry_async(
+                        ROOT, os.fsencode(mount_name(db_name, sidecar)), ignore_enoent=True
+                    )
         except Exception as exc:
             raise _errno(exc, "unlink", text) from None
 

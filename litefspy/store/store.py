@@ -289,14 +289,30 @@ class Store:
         `<data>/dbs/NAME/aside-<ms>/` instead of being dropped.
         """
         header, trailer = await trio.to_thread.run_sync(verify_file, path)
+        if name in self.failed and header.is_snapshot:
+            # An offline database (its history did not match at startup) is repaired
+            # by a snapshot from the primary; what it had is kept aside. No wipe.
+            log.warning("repairing offline database from a snapshot %s", kv(db=name))
+            del self.failed[name]
+            set_aside = True
         db = self.get(name)
         if db is None:
             if not valid_database_name(name):
                 raise ReplicationError(f"invalid database name {name!r} from the primary")
             db = self.create(name)
-        if not header.is_snapshot and (
-            header.min_txid != db.pos.txid + 1 or (header.pre_apply_checksum != db.pos.checksum)
-        ):
+        deletion = header.commit == 0
+        continues = header.min_txid == db.pos.txid + 1 and (
+            header.pre_apply_checksum == db.pos.checksum
+        )
+        if deletion and not continues and not header.is_snapshot:
+            # The primary deleted the database: that holds whatever this replica had,
+            # which is kept aside if it does not lead to the deletion.
+            log.warning(
+                "database deleted on the primary; keeping this replica's diverged copy aside %s",
+                kv(db=name, pos=db.pos),
+            )
+            set_aside = True
+        elif not header.is_snapshot and not continues:
             raise ReplicationError(
                 f"LTX {header.min_txid:016x}-{header.max_txid:016x} for {name} does not "
                 f"continue position {db.pos} (pre-apply {header.pre_apply_checksum:016x})"
@@ -304,12 +320,15 @@ class Store:
         if (
             db.checksums is not None
             and not header.is_snapshot
+            and not deletion
             and (db.checksums.page_size != header.page_size)
         ):
             raise ReplicationError(f"page size change for {name} needs a snapshot")
         final = db.ltx_path(header.min_txid, header.max_txid)
         await trio.to_thread.run_sync(self._install_ltx, db, header, path, final, set_aside)
         current = db.checksums.copy() if db.checksums is not None else None
+        if deletion:
+            current = None
         wal = db.is_wal_mode()
         held = await self._lock(name, wal, exclusive=True)
         try:
@@ -331,7 +350,7 @@ class Store:
     ) -> None:
         """Write-ahead: the file is in ltx/ before the database changes (recovery re-applies)."""
         db.ensure_dirs()
-        if header.is_snapshot:
+        if header.is_snapshot or set_aside:
             ahead = db.pos.txid > header.max_txid
             old = [p for _, _, p in db.ltx_files()]
             if (ahead or set_aside) and old:
@@ -371,6 +390,12 @@ class Store:
         after = current.copy() if current is not None else PageChecksums(page_size)
         if header.is_snapshot:
             after.truncate(0)
+        if header.is_snapshot:
+            # Nothing of the old state may overlay the snapshot for readers.
+            db.path(FileKind.JOURNAL).unlink(missing_ok=True)
+            wal_path = db.path(FileKind.WAL)
+            if wal_path.exists():
+                os.truncate(wal_path, 0)
         fd = os.open(db.db_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             with open(ltx, "rb") as f:
