@@ -22,7 +22,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyfuse3
 
@@ -524,6 +524,40 @@ class Operations(pyfuse3.Operations):
         finally:
             os.close(fd)
 
+    # ------------------------------------------------------------- metrics
+
+    TIMED_HANDLERS = (
+        "lookup",
+        "getattr",
+        "setattr",
+        "open",
+        "create",
+        "read",
+        "write",
+        "flush",
+        "fsync",
+        "release",
+        "unlink",
+        "opendir",
+        "readdir",
+        "fsyncdir",
+        "statfs",
+    )
+
+    def enable_timing(self, observe: Callable[[str, float], None]) -> None:
+        """Report every handler's duration as `observe(op, seconds)` (metrics).
+
+        The handlers are wrapped on this instance only when asked, so a node
+        without metrics pays nothing on its hot path.
+        """
+        for op in self.TIMED_HANDLERS:
+            handler = getattr(self, op)
+
+            def timed(*args: Any, _op: str = op, _h: Any = handler) -> Any:
+                return _time(_op, _h(*args), observe)
+
+            setattr(self, op, timed)
+
     # --------------------------------------------------------- invalidation
 
     def invalidate_database(self, name: str) -> None:
@@ -545,6 +579,14 @@ class Operations(pyfuse3.Operations):
     def is_own_request(ctx: pyfuse3.RequestContext) -> bool:
         """The request comes from a thread of this process (litefspy's own locks)."""
         return os.path.exists(f"/proc/self/task/{ctx.pid}")
+
+
+async def _time(op: str, call: Any, observe: Callable[[str, float], None]) -> Any:
+    start = time.perf_counter()
+    try:
+        return await call
+    finally:
+        observe(op, time.perf_counter() - start)
 
 
 def _quietly(fn: Callable[[], object]) -> None:
