@@ -18,6 +18,7 @@ import os
 import secrets
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,14 +62,33 @@ def _ofd_lock(fd: int, ltype: int, start: int, length: int, deadline: float) -> 
 
 @dataclass
 class HeldLocks:
-    """Descriptors whose OFD locks are held; closing them releases the locks."""
+    """Byte ranges locked on cached descriptors; release() unlocks them.
 
-    fds: list[int] = field(default_factory=list)
+    The descriptors stay open in MountLocks' cache (opening and closing through
+    the mount costs FUSE round trips on every replica apply); `mutex` keeps
+    litefspy's own lock holders of one database from sharing an open file
+    description, which would merge their locks.
+    """
+
+    ranges: list[tuple[int, int, int]] = field(default_factory=list)  # (fd, start, len)
+    mutex: threading.Lock | None = None
 
     def release(self) -> None:
-        """Close every descriptor (must run in a worker thread: close re-enters FUSE)."""
-        while self.fds:
-            os.close(self.fds.pop())
+        """Unlock every range (never blocks), then let the next holder in."""
+        while self.ranges:
+            fd, start, length = self.ranges.pop()
+            try:
+                _ofd_lock(fd, fcntl.F_UNLCK, start, length, 0.0)
+            except OSError:
+                pass  # the descriptor was dropped from the cache and closed
+        if self.mutex is not None:
+            self.mutex.release()
+            self.mutex = None
+
+    def lock(self, fd: int, ltype: int, start: int, length: int, deadline: float) -> None:
+        _ofd_lock(fd, ltype, start, length, deadline)
+        if ltype != fcntl.F_UNLCK:
+            self.ranges.append((fd, start, length))
 
 
 class MountLocks:
@@ -77,6 +97,9 @@ class MountLocks:
     def __init__(self, mountpoint: Path, timeout: float = 30.0) -> None:
         self.mountpoint = mountpoint
         self.timeout = timeout
+        self._fds: dict[str, int] = {}
+        self._mutexes: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def _open(self, name: str, create: bool = False) -> int | None:
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
@@ -84,6 +107,35 @@ class MountLocks:
             return os.open(self.mountpoint / name, flags, 0o644)
         except FileNotFoundError:
             return None
+
+    def _cached(self, name: str, create: bool = False) -> int | None:
+        """A descriptor of the file as it is now (reopened if it was replaced)."""
+        fd = self._fds.get(name)
+        if fd is not None:
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.mountpoint / name).st_ino:
+                    return fd
+            except OSError:
+                pass
+            del self._fds[name]
+            os.close(fd)
+        fd = self._open(name, create)
+        if fd is not None:
+            self._fds[name] = fd
+        return fd
+
+    def _begin(self, name: str) -> HeldLocks:
+        with self._guard:
+            mutex = self._mutexes.setdefault(name, threading.Lock())
+        if not mutex.acquire(timeout=self.timeout):
+            raise LockTimeout(f"timed out waiting for another litefspy lock holder on {name}")
+        return HeldLocks(mutex=mutex)
+
+    def close(self) -> None:
+        """Close the cached descriptors (worker thread: close re-enters FUSE)."""
+        while self._fds:
+            _, fd = self._fds.popitem()
+            os.close(fd)
 
     def read(self, name: str, wal: bool) -> HeldLocks:
         """Hold a SQLite read lock: the committed state cannot change underneath.
@@ -93,21 +145,19 @@ class MountLocks:
         runs and the log cannot restart while its frames are being read.
         """
         deadline = time.monotonic() + self.timeout
-        held = HeldLocks()
+        held = self._begin(name)
         try:
-            fd = self._open(name)
+            fd = self._cached(name)
             if fd is None:
                 return held
-            held.fds.append(fd)
             _ofd_lock(fd, fcntl.F_RDLCK, PENDING_BYTE, 1, deadline)
-            _ofd_lock(fd, fcntl.F_RDLCK, SHARED_FIRST, SHARED_SIZE, deadline)
+            held.lock(fd, fcntl.F_RDLCK, SHARED_FIRST, SHARED_SIZE, deadline)
             _ofd_lock(fd, fcntl.F_UNLCK, PENDING_BYTE, 1, deadline)
             if wal:
-                shm = self._open(name + "-shm")
+                shm = self._cached(name + "-shm")
                 if shm is not None:
-                    held.fds.append(shm)
-                    _ofd_lock(shm, fcntl.F_RDLCK, SHM_CKPT, 1, deadline)
-                    _ofd_lock(shm, fcntl.F_RDLCK, SHM_READ0 + 1, 1, deadline)
+                    held.lock(shm, fcntl.F_RDLCK, SHM_CKPT, 1, deadline)
+                    held.lock(shm, fcntl.F_RDLCK, SHM_READ0 + 1, 1, deadline)
             return held
         except BaseException:
             held.release()
@@ -124,23 +174,21 @@ class MountLocks:
         that opens the database meanwhile still meets the locks.
         """
         deadline = time.monotonic() + self.timeout
-        held = HeldLocks()
+        held = self._begin(name)
         try:
             if wal:
-                shm = self._open(name + "-shm", create=True)
+                shm = self._cached(name + "-shm", create=True)
                 assert shm is not None
-                held.fds.append(shm)
-                _ofd_lock(shm, fcntl.F_WRLCK, SHM_WRITE, SHM_NLOCK, deadline)
+                held.lock(shm, fcntl.F_WRLCK, SHM_WRITE, SHM_NLOCK, deadline)
                 return held
-            fd = self._open(name)
+            fd = self._cached(name)
             if fd is None:
                 return held
-            held.fds.append(fd)
             if writers:
                 # RESERVED too: no write transaction may be open (import on a primary).
-                _ofd_lock(fd, fcntl.F_WRLCK, RESERVED_BYTE, 1, deadline)
-            _ofd_lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1, deadline)
-            _ofd_lock(fd, fcntl.F_WRLCK, SHARED_FIRST, SHARED_SIZE, deadline)
+                held.lock(fd, fcntl.F_WRLCK, RESERVED_BYTE, 1, deadline)
+            held.lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1, deadline)
+            held.lock(fd, fcntl.F_WRLCK, SHARED_FIRST, SHARED_SIZE, deadline)
             return held
         except BaseException:
             held.release()
@@ -156,14 +204,11 @@ class MountLocks:
         change counter (iChange), and a fresh checkpoint record. Written through
         the mount, so the applications' mmaps of -shm see it at once.
         """
-        fd = self._open(name + "-shm")
+        fd = self._cached(name + "-shm")
         if fd is None:
             return
-        try:
-            old = os.pread(fd, WAL_INDEX_HEADER_SIZE, 0)
-            os.pwrite(fd, build_wal_index(old, page_size), 0)
-        finally:
-            os.close(fd)
+        old = os.pread(fd, WAL_INDEX_HEADER_SIZE, 0)
+        os.pwrite(fd, build_wal_index(old, page_size), 0)
 
 
 WAL_INDEX_HEADER_SIZE = 48

@@ -164,6 +164,8 @@ class Store:
             log.info("database ready %s", kv(db=entry, pos=db.pos))
 
     def close(self) -> None:
+        if self._locks is not None:
+            self._locks.close()
         for db in self._dbs.values():
             try:
                 db.sync_pending()
@@ -325,19 +327,24 @@ class Store:
         ):
             raise ReplicationError(f"page size change for {name} needs a snapshot")
         final = db.ltx_path(header.min_txid, header.max_txid)
-        await trio.to_thread.run_sync(self._install_ltx, db, header, path, final, set_aside)
         current = db.checksums.copy() if db.checksums is not None else None
         if deletion:
             current = None
         wal = db.is_wal_mode()
-        held = await self._lock(name, wal, exclusive=True)
-        try:
-            after = await trio.to_thread.run_sync(
-                self._write_applied, db, final, header, trailer, current
-            )
-            await trio.to_thread.run_sync(self._after_apply, name, wal)
-        finally:
-            await trio.to_thread.run_sync(held.release)
+
+        def apply_in_thread() -> PageChecksums:
+            # One worker thread for the whole apply: each trio <-> thread hop costs
+            # more than the work for a small transaction (replication lag).
+            self._install_ltx(db, header, path, final, set_aside)
+            held = self._locks.exclusive(name, wal) if self._locks is not None else HeldLocks()
+            try:
+                after = self._write_applied(db, final, header, trailer, current)
+                self._after_apply(name, wal)
+                return after
+            finally:
+                held.release()
+
+        after = await trio.to_thread.run_sync(apply_in_thread)
         pos = Position(header.max_txid, trailer.post_apply_checksum)
         db.applied(pos, after if header.commit else None)
         self._notify(
