@@ -1,0 +1,281 @@
+"""`Data.Events`: a live feed of what happens to a node's databases (LiteFS `/events`).
+
+A client first gets one `init` per database (its position, whether this node is
+the primary, the primary's hostname), then a `tx` for every new LTX file
+(commits on the primary, applied files on a replica, imports) and a
+`primaryChange` whenever this node's role or the primary's hostname changes.
+`event_to_json` gives the LiteFS JSON form that `litefspy events` prints, one
+object per line.
+
+The store's commit listeners run inside FUSE handlers, so the hub's listener
+only builds the event from in-memory state and hands it to the trio loop; each
+subscriber has a bounded queue and a client too slow to drain it is dropped
+(it reconnects and gets a fresh `init`), so a stuck client never holds memory
+or slows commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from litefspy.errors import LitefspyError, NotFoundError
+from litefspy.logs import kv
+from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
+from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
+from litefspy.store.database import CommitInfo
+from litefspy.v1 import data_pb2 as pb
+
+if TYPE_CHECKING:
+    from litefspy.services import NodeView
+
+log = logging.getLogger(__name__)
+
+_DATA = pb.DESCRIPTOR.services_by_name["Data"].full_name
+EVENTS_METHOD = f"/{_DATA}/Events"
+# Events queued for one client before it counts as stuck and is dropped.
+SUBSCRIBER_BUFFER = 1024
+# The primary's hostname can change without this node's role changing (a replica
+# following a failover), so subscribers also look at it this often.
+PRIMARY_POLL_INTERVAL = 0.25
+
+# A queued item: a ready TxEvent, a CommitInfo whose details must be read from
+# its LTX file, or None ("look at the primary again").
+_Item = tuple[int, pb.TxEvent | CommitInfo | None]
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    send: trio.MemorySendChannel[_Item]
+    receive: trio.MemoryReceiveChannel[_Item]
+    # Sequence number of the last commit already reflected in this client's init.
+    after: int
+    overflowed: bool = field(default=False)
+
+
+class EventHub:
+    """Fans store commits and role changes out to the open `Events` streams."""
+
+    def __init__(self, node: NodeView) -> None:
+        self.node = node
+        self._subscribers: set[_Subscriber] = set()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._seq = 0
+
+    def register(self, server: GRPCServer) -> None:
+        """Listen to the node and serve `Data.Events` on `server`."""
+        self.node.store.subscribe(self._on_commit)
+        self.node.on_role_change(self._on_role_change)
+        server.add_server_stream(EVENTS_METHOD, self.stream, pb.EventsRequest, pb.Event)
+
+    # ------------------------------------------------------- node side
+
+    def _on_commit(self, info: CommitInfo) -> None:
+        if not self._subscribers:
+            return
+        self._seq += 1
+        self._post((self._seq, tx_event(self.node, info)))
+
+    def _on_role_change(self, role: str) -> None:
+        del role  # subscribers compare the node's current state with what they last sent
+        if self._subscribers:
+            self._post((self._seq, None))
+
+    def _post(self, item: _Item) -> None:
+        # Listeners may run on any thread; the subscriber set is only touched in trio.
+        token = self._token
+        if token is None:
+            return
+        try:
+            token.run_sync_soon(self._dispatch, item)
+        except trio.RunFinishedError:
+            pass
+
+    def _dispatch(self, item: _Item) -> None:
+        for sub in list(self._subscribers):
+            try:
+                sub.send.send_nowait(item)
+            except trio.WouldBlock:
+                sub.overflowed = True
+                sub.send.close()
+                self._subscribers.discard(sub)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.discard(sub)
+
+    @contextmanager
+    def subscribe(self) -> Iterator[_Subscriber]:
+        """A queue of events from now on (trio thread; take the init snapshot right after)."""
+        self._token = trio.lowlevel.current_trio_token()
+        send, receive = trio.open_memory_channel[_Item](SUBSCRIBER_BUFFER)
+        sub = _Subscriber(send, receive, after=self._seq)
+        self._subscribers.add(sub)
+        try:
+            yield sub
+        finally:
+            self._subscribers.discard(sub)
+            send.close()
+            receive.close()
+
+    # ----------------------------------------------------- client side
+
+    def _primary(self) -> pb.PrimaryChangeEvent:
+        return pb.PrimaryChangeEvent(
+            is_primary=self.node.is_primary(), hostname=self.node.primary_hostname() or ""
+        )
+
+    def init_events(self, primary: pb.PrimaryChangeEvent) -> list[pb.Event]:
+        """One `init` per database (or one without a database when there is none)."""
+        events = [
+            pb.Event(
+                init=pb.InitEvent(
+                    is_primary=primary.is_primary,
+                    hostname=primary.hostname,
+                    db=db.name,
+                    txid=db.pos.txid,
+                    post_apply_checksum=db.pos.checksum,
+                )
+            )
+            for db in self.node.store.databases()
+        ]
+        if not events:
+            init = pb.InitEvent(is_primary=primary.is_primary, hostname=primary.hostname)
+            events.append(pb.Event(init=init))
+        return events
+
+    async def stream(
+        self, request: pb.EventsRequest, peer: str, send: trio.MemorySendChannel[pb.Event]
+    ) -> None:
+        """The `Data.Events` handler: init, then events until the client goes away."""
+        del request
+        log.debug("events subscriber connected %s", kv(peer=peer))
+        with self.subscribe() as sub:
+            # No checkpoint between subscribing and this snapshot: every commit is
+            # either in the init positions or queued with a sequence number > after.
+            primary = self._primary()
+            for event in self.init_events(primary):
+                await send.send(event)
+            while True:
+                item: _Item | None = None
+                with trio.move_on_after(PRIMARY_POLL_INTERVAL):
+                    try:
+                        item = await sub.receive.receive()
+                    except trio.EndOfChannel:
+                        raise RPCRefused(
+                            Code.UNAVAILABLE,
+                            f"event stream fell more than {SUBSCRIBER_BUFFER} events behind "
+                            "and was dropped; reconnect",
+                        ) from None
+                now = self._primary()
+                if now != primary:
+                    primary = now
+                    await send.send(pb.Event(primary_change=now))
+                if item is None:
+                    continue
+                seq, payload = item
+                if payload is None or seq <= sub.after:
+                    continue
+                if isinstance(payload, CommitInfo):
+                    payload = await trio.to_thread.run_sync(tx_event_from_file, payload)
+                await send.send(pb.Event(tx=payload))
+
+
+def tx_event(node: NodeView, info: CommitInfo) -> pb.TxEvent | CommitInfo:
+    """The event for a new LTX file from the database's in-memory state (cheap).
+
+    The store advances the position before it notifies; should it ever not
+    match, the CommitInfo is returned and its file read later, off the loop.
+    """
+    try:
+        db = node.store.get(info.name)
+    except NotFoundError:
+        db = None
+    if db is None or db.pos.txid != info.txid:
+        return info
+    checksums = db.checksums
+    return pb.TxEvent(
+        db=info.name,
+        txid=info.txid,
+        post_apply_checksum=db.pos.checksum,
+        page_size=checksums.page_size if checksums is not None else 0,
+        commit=checksums.page_count if checksums is not None else 0,
+        timestamp_ms=info.timestamp_ms,
+    )
+
+
+def tx_event_from_file(info: CommitInfo) -> pb.TxEvent:
+    """The event for a new LTX file from its header and trailer (worker thread)."""
+    try:
+        header, trailer = read_header_trailer(info.path)
+    except (OSError, LitefspyError) as exc:
+        log.warning("cannot read LTX file for an event %s", kv(db=info.name, error=exc))
+        return pb.TxEvent(db=info.name, txid=info.txid, timestamp_ms=info.timestamp_ms)
+    return pb.TxEvent(
+        db=info.name,
+        txid=header.max_txid,
+        post_apply_checksum=trailer.post_apply_checksum,
+        page_size=header.page_size,
+        commit=header.commit,
+        timestamp_ms=header.timestamp,
+    )
+
+
+def read_header_trailer(path: Path) -> tuple[Header, Trailer]:
+    with open(path, "rb") as f:
+        header = Header.decode(f.read(HEADER_SIZE))
+        f.seek(-TRAILER_SIZE, 2)
+        trailer = Trailer.decode(f.read(TRAILER_SIZE))
+    return header, trailer
+
+
+# ------------------------------------------------------------------ JSON form
+
+
+def _hex(value: int) -> str:
+    return f"{value:016x}"
+
+
+def _timestamp(ms: int) -> str:
+    when = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def event_to_json(event: pb.Event) -> dict[str, Any]:
+    """The LiteFS `/events` JSON object for an event (`{"type", "db"?, "data"}`)."""
+    kind = event.WhichOneof("event")
+    if kind == "init":
+        init = event.init
+        data: dict[str, Any] = {"isPrimary": init.is_primary, "hostname": init.hostname}
+        out: dict[str, Any] = {"type": "init"}
+        if init.db:
+            out["db"] = init.db
+            data["txID"] = _hex(init.txid)
+            data["postApplyChecksum"] = _hex(init.post_apply_checksum)
+        out["data"] = data
+        return out
+    if kind == "tx":
+        tx = event.tx
+        return {
+            "type": "tx",
+            "db": tx.db,
+            "data": {
+                "txID": _hex(tx.txid),
+                "postApplyChecksum": _hex(tx.post_apply_checksum),
+                "pageSize": tx.page_size,
+                "commit": tx.commit,
+                "timestamp": _timestamp(tx.timestamp_ms),
+            },
+        }
+    if kind == "primary_change":
+        change = event.primary_change
+        return {
+            "type": "primaryChange",
+            "data": {"isPrimary": change.is_primary, "hostname": change.hostname},
+        }
+    raise LitefspyError(f"unknown event kind {kind!r} (is this litefspy older than the node?)")
