@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import trio
 
 from litefspy.config import Config
+from litefspy.errors import LitefspyError
 from litefspy.fuse.ops import Operations
 from litefspy.replication.bridge import GRPCServer
 from litefspy.store.store import Store
@@ -50,14 +52,58 @@ class NodeView(Protocol):
 
 
 def register_rpcs(node: NodeView, server: GRPCServer) -> None:
-    """Add the services' RPCs to the node's gRPC server (called before it serves)."""
-    del node, server
+    """Add the services' RPCs to the node's gRPC server (called before it serves).
+
+    `Data.Import` / `Data.Export` (litefspy.dataservice) and `Data.Events`
+    (litefspy.events, which subscribes to the store and the role changes here).
+    """
+    from litefspy.dataservice import DataService
+    from litefspy.events import EventHub
+
+    DataService(node).register(server)
+    EventHub(node).register(server)
 
 
 async def serve_extras(
     node: NodeView, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run the optional services (proxy, metrics, ...) until cancelled."""
-    del node
-    task_status.started()
-    await trio.sleep_forever()
+    """Run the optional services (proxy, metrics) until cancelled.
+
+    `task_status.started()` is reported once every enabled listener is bound; a
+    bad `proxy.*` / `metrics.addr` or a port in use raises (ConfigError /
+    ListenError) before that, so the node fails to start with that message.
+    """
+    from litefspy.adapters import NodeMetricsSource, NodeProxyState, local_txid
+    from litefspy.metrics import Metrics
+    from litefspy.proxy import TxidWaiters, serve_proxy
+
+    config = node.config
+    store = node.store
+    unsubscribe: list[Callable[[], None]] = []
+    failed: LitefspyError | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                if config.proxy.enabled:
+                    waiters = TxidWaiters(lambda db: local_txid(store, db))
+                    unsubscribe.append(store.subscribe(waiters.notify))
+                    state = NodeProxyState(node, waiters)
+                    await nursery.start(partial(serve_proxy, config.proxy, state))
+                if config.metrics.enabled:
+                    source = NodeMetricsSource(node)
+                    unsubscribe.append(store.subscribe(source.on_commit))
+                    metrics = Metrics(source)
+                    await nursery.start(partial(metrics.serve, config.metrics.addr))
+                    nursery.start_soon(source.run_recount)
+            except LitefspyError as exc:
+                # Raised unwrapped (not in an ExceptionGroup) so the node can print it.
+                failed = exc
+                nursery.cancel_scope.cancel()
+            else:
+                task_status.started()
+                await trio.sleep_forever()
+    finally:
+        for stop in unsubscribe:
+            stop()
+    if failed is not None:
+        raise failed

@@ -1,0 +1,166 @@
+"""What the proxy and the metrics endpoint need, computed from a `NodeView`.
+
+`NodeProxyState` implements `litefspy.proxy.ProxyState`; `NodeMetricsSource`
+implements `litefspy.metrics.NodeMetricsSource`. Both answer on the trio
+thread from memory: the proxy's TXID waits are woken by store commits, and
+the metrics' LTX file counts are kept up to date by commit notifications plus
+a periodic recount in a worker thread (retention removes files), so a scrape
+never lists a directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from litefspy.config import split_host_port
+from litefspy.errors import NotFoundError
+from litefspy.logs import kv
+from litefspy.metrics import DbStats
+from litefspy.proxy import TxidWaiters
+from litefspy.store.database import CommitInfo, Database
+from litefspy.store.store import Store
+
+if TYPE_CHECKING:
+    from litefspy.services import NodeView
+
+log = logging.getLogger(__name__)
+
+# How often the LTX file counts and sizes are recounted from disk.
+LTX_RECOUNT_INTERVAL = 10.0
+
+
+def local_txid(store: Store, name: str) -> int:
+    """The local TXID of `name`, 0 when the database is absent or offline."""
+    try:
+        db = store.get(name)
+    except NotFoundError:
+        return 0
+    return db.pos.txid if db is not None else 0
+
+
+class NodeProxyState:
+    """The proxy's view of the node (`litefspy.proxy.ProxyState`)."""
+
+    def __init__(self, node: NodeView, waiters: TxidWaiters) -> None:
+        self.node = node
+        self.waiters = waiters
+        # The primary's proxy listens on the same port as ours (one fuse.yml per cluster).
+        self.proxy_port = split_host_port(node.config.proxy.addr)[1]
+
+    def is_primary(self) -> bool:
+        return self.node.is_primary()
+
+    def primary_hostname(self) -> str | None:
+        return self.node.primary_hostname()
+
+    def primary_proxy_url(self) -> str | None:
+        host = self.node.primary_hostname()
+        if not host:
+            return None
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.proxy_port}"
+
+    def txid(self, db: str) -> int:
+        return local_txid(self.node.store, db)
+
+    async def wait_for_txid(self, db: str, txid: int) -> None:
+        await self.waiters.wait_for_txid(db, txid)
+
+    def lag_seconds(self) -> float:
+        return self.node.lag_ms() / 1000.0
+
+
+@dataclass
+class _LtxCount:
+    files: int = 0
+    bytes: int = 0
+
+
+def count_ltx(db: Database) -> _LtxCount:
+    """Number and total size of a database's LTX files (worker thread)."""
+    count = _LtxCount()
+    for _, _, path in db.ltx_files():
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            continue  # removed by retention meanwhile
+        count.files += 1
+        count.bytes += size
+    return count
+
+
+class NodeMetricsSource:
+    """The metrics' view of the node (`litefspy.metrics.NodeMetricsSource`).
+
+    Subscribe `on_commit` to the store and run `run_recount` in the node's
+    nursery.
+    """
+
+    def __init__(self, node: NodeView) -> None:
+        self.node = node
+        self.commits: dict[str, int] = {}
+        self._ltx: dict[str, _LtxCount] = {}
+
+    def on_commit(self, info: CommitInfo) -> None:
+        """Store listener: count the commit and its LTX file (cheap, any thread)."""
+        self.commits[info.name] = self.commits.get(info.name, 0) + 1
+        count = self._ltx.setdefault(info.name, _LtxCount())
+        count.files += 1
+        count.bytes += info.size
+
+    async def recount(self) -> None:
+        """Recount every database's LTX files from disk, off the trio thread."""
+        fresh: dict[str, _LtxCount] = {}
+        for db in self.node.store.databases():
+            fresh[db.name] = await trio.to_thread.run_sync(count_ltx, db)
+        self._ltx = fresh
+
+    async def run_recount(self, interval: float = LTX_RECOUNT_INTERVAL) -> None:
+        """Background task: recount now, then every `interval` seconds."""
+        while True:
+            try:
+                await self.recount()
+            except OSError as exc:
+                log.warning("could not count LTX files for metrics %s", kv(error=exc))
+            await trio.sleep(interval)
+
+    # ------------------------------------------------ NodeMetricsSource
+
+    def databases(self) -> Sequence[DbStats]:
+        node = self.node
+        lag = node.lag_ms() / 1000.0
+        replicas = node.replica_count() if node.is_primary() else 0
+        out = []
+        for db in node.store.databases():
+            ltx = self._ltx.get(db.name, _LtxCount())
+            out.append(
+                DbStats(
+                    name=db.name,
+                    txid=db.pos.txid,
+                    commits=self.commits.get(db.name, 0),
+                    ltx_files=ltx.files,
+                    ltx_bytes=ltx.bytes,
+                    lag_seconds=lag,
+                    replicas=replicas,
+                )
+            )
+        return out
+
+    def role_is_primary(self) -> bool:
+        return self.node.is_primary()
+
+    def lease_epoch(self) -> int:
+        return self.node.lease_epoch()
+
+    def stream_count(self) -> int:
+        return self.node.stream_count()
+
+    def fuse_request_counts(self) -> Mapping[str, int]:
+        return dict(self.node.ops.request_counts)
