@@ -94,6 +94,7 @@ async def serve_extras(
                     unsubscribe.append(store.subscribe(source.on_commit))
                     metrics = Metrics(source)
                     await nursery.start(partial(metrics.serve, config.metrics.addr))
+                    node.ops.enable_timing(metrics.observe_fuse)
                     nursery.start_soon(source.run_recount)
             except LitefspyError as exc:
                 # Raised unwrapped (not in an ExceptionGroup) so the node can print it.

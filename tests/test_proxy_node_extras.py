@@ -97,6 +97,8 @@ async def test_proxy_and_metrics_follow_the_store(tmp_path: Path) -> None:
                 )
                 assert samples[("litefspy_node_role", ())] == 1
                 assert samples[("litefspy_fuse_requests_total", (("op", "write"),))] > 0
+                # FUSE latency is observed from the time the metrics started.
+                assert samples[("litefspy_fuse_request_seconds_count", (("op", "write"),))] > 0
 
                 # As a replica: writes are sent to the primary (fly-replay), role is 0.
                 n.node.set_role(False, "node-p")
