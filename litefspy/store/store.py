@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 # nothing hidden (dot-names are litefspy's own special files).
 _NAME_RE = re.compile(r"^[^/\x00.][^/\x00]{0,200}$")
 SIDECAR_SUFFIXES = ("-journal", "-wal", "-shm", "-pos")
+# LTX files up to this size are verified on the trio thread (a few tens of us).
+INLINE_VERIFY_BYTES = 256 * 1024
 
 
 def valid_database_name(name: str) -> bool:
@@ -290,7 +292,11 @@ class Store:
         node's LTX files and a copy of its database are kept under
         `<data>/dbs/NAME/aside-<ms>/` instead of being dropped.
         """
-        header, trailer = await trio.to_thread.run_sync(verify_file, path)
+        if os.stat(path).st_size <= INLINE_VERIFY_BYTES:
+            # A small file verifies faster than a trip to a worker thread and back.
+            header, trailer = verify_file(path)
+        else:
+            header, trailer = await trio.to_thread.run_sync(verify_file, path)
         if name in self.failed and header.is_snapshot:
             # An offline database (its history did not match at startup) is repaired
             # by a snapshot from the primary; what it had is kept aside. No wipe.
