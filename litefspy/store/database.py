@@ -270,14 +270,24 @@ class Database:
         return written
 
     def _write_wal(self, fd: int, offset: int, data: bytes) -> int:
-        written = os.pwrite(fd, data, offset)
         reader = self._wal_reader()
+        backup: tuple[bytes, int] | None = None
+        if self._wal.may_complete_commit(reader, offset, data):
+            backup = (os.pread(fd, len(data), offset), os.fstat(fd).st_size)
+        written = os.pwrite(fd, data, offset)
         commit = self._wal.on_write(reader, offset, written)
         while commit is not None:
             try:
                 self._capture_wal(commit)
             except Exception:
                 self._wal.reject()
+                if backup is not None:
+                    # SQLite's WAL recovery trusts every valid commit frame it finds:
+                    # a commit litefspy could not record must not stay in the file.
+                    old, size = backup
+                    os.pwrite(fd, old, offset)
+                    if offset + len(data) > size:
+                        os.ftruncate(fd, max(size, offset + len(old)))
                 raise
             self._wal.accept(commit)
             self._prune_wal_index(commit.commit)

@@ -154,6 +154,28 @@ class WALTracker:
                 return True
         return False
 
+    def may_complete_commit(self, fd: int, offset: int, data: bytes) -> bool:
+        """Would writing `data` at `offset` touch a frame whose commit field is set?
+
+        Checked before the write (the commit field may come from `data` itself)
+        so the caller can keep the bytes it overwrites.
+        """
+        if self.header is None or offset < WAL_HEADER_SIZE:
+            return False
+        fsize = self.frame_size
+        end = offset + len(data)
+        first = (offset - WAL_HEADER_SIZE) // fsize
+        last = (end - 1 - WAL_HEADER_SIZE) // fsize
+        for idx in range(first, last + 1):
+            field_start = WAL_HEADER_SIZE + idx * fsize + 4
+            if offset <= field_start and end >= field_start + 4:
+                raw = data[field_start - offset : field_start - offset + 4]
+            else:
+                raw = os.pread(fd, 4, field_start)
+            if len(raw) == 4 and int.from_bytes(raw, "big"):
+                return True
+        return False
+
     def accept(self, commit: WALCommit) -> None:
         """The transaction is durable as LTX: make it part of the committed log."""
         self.index.update(commit.pages)
