@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -108,3 +108,16 @@ async def serve_extras(
             stop()
     if failed is not None:
         raise failed
+
+
+async def run_exec(
+    node: NodeView, signals: AsyncIterator[int], *, command: Sequence[str] | None = None
+) -> int:
+    """Run `exec:` (or `mount -- CMD` as `command`) once the node is ready; its exit status.
+
+    See `litefspy.supervisor.run_exec`; `signals` is the node's SIGINT/SIGTERM
+    receiver, which this consumes until it returns.
+    """
+    from litefspy import supervisor
+
+    return await supervisor.run_exec(node, signals, command=command)
