@@ -135,7 +135,10 @@ class MountLocks:
         """Close the cached descriptors (worker thread: close re-enters FUSE)."""
         while self._fds:
             _, fd = self._fds.popitem()
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the mount is already gone (ENOTCONN): nothing left to release
 
     def read(self, name: str, wal: bool) -> HeldLocks:
         """Hold a SQLite read lock: the committed state cannot change underneath.

@@ -89,7 +89,7 @@ def validate_sqlite_file(path: Path) -> tuple[int, int]:
     except FileNotFoundError as exc:
         raise DatabaseError(f"{path}: no such file") from exc
     except SQLiteFormatError as exc:
-        raise DatabaseError(f"{path} is not a SQLite database: {exc}") from exc
+        raise DatabaseError(f"{path}: {exc}") from exc
     size = path.stat().st_size
     if size == 0 or size % header.page_size:
         raise DatabaseError(
@@ -515,7 +515,7 @@ class Store:
             tmp = out.with_name(out.name + ".tmp")
             tmp.unlink(missing_ok=True)
             txid, checksum = await trio.to_thread.run_sync(apply_files, tmp, [snap])
-            os.replace(tmp, out)
+            await trio.to_thread.run_sync(os.replace, tmp, out)
         finally:
             snap.unlink(missing_ok=True)
         del db
