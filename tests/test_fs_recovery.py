@@ -33,6 +33,20 @@ while True:
 """
 
 
+def _save_db_files(node: NodeProcess, dest: Path) -> None:
+    """Copy the database's real files (not its LTX history) aside."""
+    shutil.copytree(node.data / "dbs" / "app.db", dest, ignore=shutil.ignore_patterns("ltx"))
+
+
+def _restore_db_files(node: NodeProcess, saved: Path) -> None:
+    """Put the saved database files back, as a power loss could leave them."""
+    dbdir = node.data / "dbs" / "app.db"
+    for name in ("database", "wal", "shm"):
+        (dbdir / name).unlink(missing_ok=True)
+        if (saved / name).exists():
+            shutil.copyfile(saved / name, dbdir / name)
+
+
 def _committed(out: bytes) -> int:
     lines = [ln for ln in out.decode().split("\n") if ln.strip()]
     return int(lines[-1]) if lines else 0
@@ -161,7 +175,7 @@ def test_wal_state_behind_history_rolls_forward(node: NodeProcess, tmp_path: Pat
     conn.close()
     node.stop()
     saved = tmp_path / "saved"
-    shutil.copytree(node.data / "dbs" / "app.db", saved, ignore=shutil.ignore_patterns("ltx"))
+    _save_db_files(node, saved)
     node.start()
     conn = connect(node.db("app.db"), "wal", synchronous="normal", wal_autocheckpoint=0)
     for _ in range(7):
@@ -170,11 +184,7 @@ def test_wal_state_behind_history_rolls_forward(node: NodeProcess, tmp_path: Pat
     expected = node.pos("app.db")
     node.stop()
     # Simulate the loss: database and WAL as they were 7 commits ago, LTX files intact.
-    dbdir = node.data / "dbs" / "app.db"
-    for name in ("database", "wal", "shm"):
-        (dbdir / name).unlink(missing_ok=True)
-        if (saved / name).exists():
-            shutil.copyfile(saved / name, dbdir / name)
+    _restore_db_files(node, saved)
     node.start()
     assert node.pos("app.db") == expected
     assert "rolled forward" in node.log()
@@ -212,17 +222,13 @@ def test_ltx_file_cut_short_by_a_crash_is_dropped(node: NodeProcess, tmp_path: P
     conn.close()
     node.stop()
     saved = tmp_path / "saved"
-    shutil.copytree(node.data / "dbs" / "app.db", saved, ignore=shutil.ignore_patterns("ltx"))
+    _save_db_files(node, saved)
     node.start()
     conn = connect(node.db("app.db"), "wal", synchronous="normal", wal_autocheckpoint=0)
     conn.execute("INSERT INTO t VALUES (NULL, randomblob(3000))")
     conn.close()
     node.stop()
-    dbdir = node.data / "dbs" / "app.db"
-    for name in ("database", "wal", "shm"):
-        (dbdir / name).unlink(missing_ok=True)
-        if (saved / name).exists():
-            shutil.copyfile(saved / name, dbdir / name)
+    _restore_db_files(node, saved)
     newest = node.ltx_files("app.db")[-1]
     newest.write_bytes(newest.read_bytes()[:150])
     node.start()

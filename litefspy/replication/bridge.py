@@ -603,21 +603,30 @@ def fetch_status(url: str, timeout: float = 5.0) -> admin_pb2.StatusReply:
 # ------------------------------------------------------------- generic client
 
 
-def call_unary(url: str, method: str, request: Any, response_type: Any, timeout: float) -> Any:
-    """Blocking unary call of `method` ("/pkg.Service/Method"); RemoteError on failure."""
+def _invoke(url: str, make_stub: Callable[[Any], Any], payload: Any, timeout: float) -> Any:
+    """Make one blocking call on a fresh channel; RemoteError on failure."""
     channel = _channel(url)
     try:
-        stub = channel.unary_unary(
-            method,
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=response_type.FromString,
-        )
         try:
-            return stub(request, timeout=timeout)
+            return make_stub(channel)(payload, timeout=timeout)
         except grpc.RpcError as exc:
             raise _describe_rpc_error(exc, url) from None
     finally:
         channel.close()
+
+
+def call_unary(url: str, method: str, request: Any, response_type: Any, timeout: float) -> Any:
+    """Blocking unary call of `method` ("/pkg.Service/Method"); RemoteError on failure."""
+    return _invoke(
+        url,
+        lambda channel: channel.unary_unary(
+            method,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,
+        ),
+        request,
+        timeout,
+    )
 
 
 def call_client_stream(
@@ -630,19 +639,16 @@ def call_client_stream(
     timeout: float,
 ) -> Any:
     """Blocking client-streaming call: sends every request, returns the one response."""
-    channel = _channel(url)
-    try:
-        stub = channel.stream_unary(
+    return _invoke(
+        url,
+        lambda channel: channel.stream_unary(
             method,
             request_serializer=request_type.SerializeToString,
             response_deserializer=response_type.FromString,
-        )
-        try:
-            return stub(requests, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise _describe_rpc_error(exc, url) from None
-    finally:
-        channel.close()
+        ),
+        requests,
+        timeout,
+    )
 
 
 def call_server_stream(
