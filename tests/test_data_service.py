@@ -80,7 +80,7 @@ async def test_import_refusals_leave_the_database_alone(tmp_path: Path) -> None:
 
         cases = [
             (tmp_path / "missing.db", "no such file"),
-            (junk, "is not a SQLite database"),
+            (junk, "not a SQLite database"),
             (corrupt, "integrity_check|malformed|failed to open"),
         ]
         for path, message in cases:
