@@ -39,6 +39,16 @@ class AdminStub:
                 request_serializer=litefspy_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
                 response_deserializer=litefspy_dot_v1_dot_admin__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/litefspy.v1.Admin/Promote',
+                request_serializer=litefspy_dot_v1_dot_admin__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=litefspy_dot_v1_dot_admin__pb2.PromoteReply.FromString,
+                _registered_method=True)
+        self.Handoff = channel.unary_unary(
+                '/litefspy.v1.Admin/Handoff',
+                request_serializer=litefspy_dot_v1_dot_admin__pb2.HandoffRequest.SerializeToString,
+                response_deserializer=litefspy_dot_v1_dot_admin__pb2.HandoffReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -51,6 +61,22 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Promote(self, request, context):
+        """Ask this node to become the primary through a handoff from the current
+        primary (`litefspy run --promote`); answers once it is primary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Handoff(self, request, context):
+        """Primary only: stop writes, make sure the named replica has every
+        transaction, and hand it the lease. Called by the target's Promote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +84,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=litefspy_dot_v1_dot_admin__pb2.StatusRequest.FromString,
                     response_serializer=litefspy_dot_v1_dot_admin__pb2.StatusReply.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=litefspy_dot_v1_dot_admin__pb2.PromoteRequest.FromString,
+                    response_serializer=litefspy_dot_v1_dot_admin__pb2.PromoteReply.SerializeToString,
+            ),
+            'Handoff': grpc.unary_unary_rpc_method_handler(
+                    servicer.Handoff,
+                    request_deserializer=litefspy_dot_v1_dot_admin__pb2.HandoffRequest.FromString,
+                    response_serializer=litefspy_dot_v1_dot_admin__pb2.HandoffReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +123,60 @@ class Admin:
             '/litefspy.v1.Admin/Status',
             litefspy_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
             litefspy_dot_v1_dot_admin__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/litefspy.v1.Admin/Promote',
+            litefspy_dot_v1_dot_admin__pb2.PromoteRequest.SerializeToString,
+            litefspy_dot_v1_dot_admin__pb2.PromoteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Handoff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/litefspy.v1.Admin/Handoff',
+            litefspy_dot_v1_dot_admin__pb2.HandoffRequest.SerializeToString,
+            litefspy_dot_v1_dot_admin__pb2.HandoffReply.FromString,
             options,
             channel_credentials,
             insecure,

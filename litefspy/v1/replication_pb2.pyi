@@ -293,24 +293,34 @@ Global___End: _TypeAlias = End  # noqa: Y015
 
 @_typing.final
 class Handoff(_message.Message):
-    """The primary hands its lease to the replica named by `target_node_id`."""
+    """The primary hands its lease to the replica named by `target_node_id`. It is
+    sent after every LTX file up to `positions`, once writes stopped.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TARGET_NODE_ID_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
     target_node_id: _builtins.int
     token: _builtins.str
     """The lease's handoff token (lease.base.HandoffToken.to_json())."""
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Position]:
+        """The primary's final positions: the target adopts the lease only once it
+        has applied them.
+        """
+
     def __init__(
         self,
         *,
         target_node_id: _builtins.int = ...,
         token: _builtins.str = ...,
+        positions: _abc.Iterable[Global___Position] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["target_node_id", b"target_node_id", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["positions", b"positions", "target_node_id", b"target_node_id", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
