@@ -360,10 +360,33 @@ class EtcdLeaser:
                 f"handoff token names node {token.primary.node_id}, not this node ({me.node_id})"
             )
         sent_at = trio.current_time()
-        granted = await self._keepalive(token.lease_id, time_limit=self.request_timeout)
+        # Both at once: the old primary already stopped writing, so every round trip
+        # here is write unavailability.
+        granted = 0
+        problem: str | None = None
+        errors: list[LeaseError] = []
+
+        async def keepalive() -> None:
+            nonlocal granted
+            try:
+                granted = await self._keepalive(token.lease_id, time_limit=self.request_timeout)
+            except LeaseError as e:
+                errors.append(e)
+
+        async def check() -> None:
+            nonlocal problem
+            try:
+                problem = await self._check_key(token.lease_id, token.epoch, me)
+            except LeaseError as e:
+                errors.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keepalive)
+            nursery.start_soon(check)
+        if errors:
+            raise errors[0]
         if granted <= 0:
             raise LeaseError(f"handed-off etcd lease {token.lease_id:x} already expired")
-        problem = await self._check_key(token.lease_id, token.epoch, me)
         if problem is not None:
             raise LeaseError(f"cannot adopt handed-off lease: {problem}")
         lease = EtcdLease(

@@ -49,6 +49,11 @@ from litefspy.errors import LeaseError
 from litefspy.logs import kv
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO (httpcore every step at DEBUG): with renewals
+# every ttl/3 that drowns the node's own log. Failures reach the log through the
+# LeaseErrors raised here.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.INFO)
 
 # gRPC status codes etcd reports in error bodies (google.golang.org/grpc/codes).
 GRPC_NOT_FOUND = 5
