@@ -13,6 +13,14 @@ snapshot rather than the same file again.
 The client is also the node's `ClusterView` while it is a replica: `.primary`
 names the primary while a stream is up, `.lag` is the time since the last
 frame (data or heartbeat).
+
+Fencing: the client remembers the highest lease epoch it has seen (from a
+Hello, or told by the node through `note_epoch`) in `<data>/epoch`, and
+refuses a primary whose Hello carries an older one, also after a restart.
+
+The node retargets the client when the primary changes (it sets
+`primary_url` and restarts `run`). A Handoff frame is passed to the node's
+`on_handoff` callback: the lease is being handed to this node.
 """
 
 from __future__ import annotations
@@ -32,7 +40,12 @@ from litefspy.errors import LitefspyError, ReplicationError
 from litefspy.logs import kv
 from litefspy.replication import bridge
 from litefspy.replication.bridge import FrameStream
-from litefspy.replication.identity import save_cluster_id, valid_cluster_id
+from litefspy.replication.identity import (
+    load_max_epoch,
+    save_cluster_id,
+    save_max_epoch,
+    valid_cluster_id,
+)
 from litefspy.store.store import Store, valid_database_name
 from litefspy.v1 import replication_pb2 as pb
 
@@ -115,6 +128,8 @@ class ReplicationClient:
         reconnect_delay: float = 1.0,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         open_stream: OpenStream = bridge.open_stream,
+        epoch_scope: str = "static",
+        on_handoff: Callable[[pb.Handoff], None] | None = None,
     ) -> None:
         self.store = store
         self.identity = identity
@@ -129,9 +144,14 @@ class ReplicationClient:
         # Set once the first catch-up is complete (Ready); never cleared.
         self.ready = trio.Event()
         self.caught_up = False
-        self.max_epoch = 0
+        # Fencing: the highest lease epoch seen, persisted per lease (`epoch_scope`).
+        self.epoch_scope = epoch_scope
+        self.max_epoch = load_max_epoch(self.data_dir, epoch_scope)
         self.stats = ClientStats()
         self.handoff: pb.Handoff | None = None
+        self.on_handoff = on_handoff
+        # Set when the current stream ends (End frame, error or cancellation).
+        self.stream_done = trio.Event()
         self._last_frame = time.monotonic()
         self._needs_snapshot: set[str] = set()
         self._incoming: _Incoming | None = None
@@ -147,6 +167,15 @@ class ReplicationClient:
     def lag_ms(self) -> int:
         """Milliseconds since the last frame from the primary (or since start)."""
         return int((time.monotonic() - self._last_frame) * 1000)
+
+    # ------------------------------------------------------------ fencing
+
+    async def note_epoch(self, epoch: int) -> None:
+        """Remember `epoch` (seen in etcd, or held by this node) as the least to accept."""
+        if epoch <= self.max_epoch:
+            return
+        self.max_epoch = epoch
+        await trio.to_thread.run_sync(save_max_epoch, self.data_dir, self.epoch_scope, epoch)
 
     # ------------------------------------------------------------ running
 
@@ -189,6 +218,13 @@ class ReplicationClient:
 
     async def _stream_once(self) -> None:
         """One stream, until it ends (End frame) or fails (an exception)."""
+        self.stream_done = trio.Event()
+        try:
+            await self._stream_frames()
+        finally:
+            self.stream_done.set()
+
+    async def _stream_frames(self) -> None:
         request = self._request()
         log.debug(
             "connecting to primary %s",
@@ -219,11 +255,7 @@ class ReplicationClient:
                         )
                         return
                     elif which == "handoff":
-                        self.handoff = frame.handoff
-                        log.warning(
-                            "primary offers a lease handoff; handoff is not supported yet %s",
-                            kv(target=f"{frame.handoff.target_node_id:016X}"),
-                        )
+                        self._on_handoff(frame.handoff)
                     else:
                         raise ReplicationError(
                             f"protocol error from {self.primary_url}: unexpected frame {which}"
@@ -273,7 +305,7 @@ class ReplicationClient:
                     f"cluster id mismatch: this node belongs to {self.cluster_id}, primary "
                     f"{hello.hostname} to {hello.cluster_id}"
                 )
-        self.max_epoch = max(self.max_epoch, hello.epoch)
+        await self.note_epoch(hello.epoch)
         self.primary = hello
         self.connected = True
         log.info(
@@ -285,6 +317,18 @@ class ReplicationClient:
                 epoch=hello.epoch,
             ),
         )
+
+    def _on_handoff(self, handoff: pb.Handoff) -> None:
+        if handoff.target_node_id != self.identity.node_id:
+            log.warning(
+                "ignoring a lease handoff meant for another node %s",
+                kv(target=f"{handoff.target_node_id:016X}", primary=self.primary_url),
+            )
+            return
+        self.handoff = handoff
+        log.info("primary hands the lease to this node %s", kv(primary=self.primary_url))
+        if self.on_handoff is not None:
+            self.on_handoff(handoff)
 
     def _on_ready(self) -> None:
         if not self.caught_up:

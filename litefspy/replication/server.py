@@ -16,6 +16,12 @@ again from its real positions.
 Commits never wait for replicas: the store's listener only sets each session's
 wake-up event, and every session catches up from the LTX files on disk at its
 own pace.
+
+Ending: `shutdown(reason, drain=True)` (demotion, graceful stop) first sends
+each replica everything up to the final positions (writes have stopped), then
+End; sessions still open after the grace period are cancelled. A handoff
+(`send_handoff`) puts a Handoff frame into the target's stream after every LTX
+file up to the final positions.
 """
 
 from __future__ import annotations
@@ -77,6 +83,13 @@ class ReplicaSession:
     offline: set[str] = field(default_factory=set)
     # Databases whose snapshot failed: retried every RETRY_INTERVAL.
     failing: set[str] = field(default_factory=set)
+    # Set (and replaced) after every file sent: `wait_caught_up` watches it.
+    progress: trio.Event = field(default_factory=trio.Event)
+    # A Handoff frame to send after the next complete pass (see send_handoff).
+    handoff: pb.Handoff | None = None
+    handoff_sent: trio.Event = field(default_factory=trio.Event)
+    # Cancels this session's stream (shutdown after the grace period).
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 class ReplicationServer:
@@ -100,6 +113,8 @@ class ReplicationServer:
         self.chunk_size = chunk_size
         self.sessions: list[ReplicaSession] = []
         self._ending: str | None = None
+        # With `_ending`: send everything up to the final positions before End.
+        self._drain = False
         self._no_sessions = trio.Event()
         self._unsubscribe = store.subscribe(self._on_commit)
 
@@ -113,14 +128,56 @@ class ReplicationServer:
         for session in self.sessions:
             session.wake.set()
 
-    async def shutdown(self, reason: str, grace: float = 2.0) -> None:
-        """Tell every replica the stream ends (End frame); wait up to `grace` seconds."""
+    async def shutdown(self, reason: str, grace: float = 2.0, *, drain: bool = False) -> None:
+        """Tell every replica the stream ends (End frame); wait up to `grace` seconds.
+
+        With `drain` (writes have stopped), each replica first gets every file up
+        to the final positions. Sessions still open after `grace` are cancelled.
+        """
         self._ending = reason
+        self._drain = drain
         for session in self.sessions:
             session.wake.set()
         with trio.move_on_after(grace):
             if self.sessions:
                 await self._no_sessions.wait()
+        for session in list(self.sessions):
+            log.warning(
+                "replica did not finish its stream in time, closing it %s",
+                kv(replica=session.hostname, grace=grace),
+            )
+            session.scope.cancel()
+
+    def session_for(self, node_id: int) -> ReplicaSession | None:
+        """The open session of the replica with this node id, if any."""
+        return next((s for s in self.sessions if s.node_id == node_id), None)
+
+    def is_caught_up(self, session: ReplicaSession) -> bool:
+        """Whether `session` was sent every database up to the primary's position."""
+        for db in self.store.databases():
+            if db.name in session.offline or db.name in session.skipped or db.pos.txid == 0:
+                continue
+            have = session.positions.get(db.name)
+            if have != db.pos and not (have is None and not db.exists()):
+                return False
+        return True
+
+    async def wait_caught_up(self, session: ReplicaSession) -> bool:
+        """Wait until `is_caught_up(session)`; False if the session ends first."""
+        while session in self.sessions:
+            progress = session.progress
+            if self.is_caught_up(session):
+                return True
+            session.wake.set()
+            # Polled as well: a snapshot that failed is retried without progress.
+            with trio.move_on_after(0.05):
+                await progress.wait()
+        return False
+
+    def send_handoff(self, session: ReplicaSession, handoff: pb.Handoff) -> None:
+        """Queue a Handoff frame for `session`, sent after its next complete pass."""
+        session.handoff = handoff
+        session.wake.set()
 
     # ------------------------------------------------------------- streams
 
@@ -144,21 +201,22 @@ class ReplicationServer:
         log.info("replica connected %s", ctx)
         self.sessions.append(session)
         try:
-            await send.send(
-                Frame(
-                    hello=pb.Hello(
-                        node_id=self.identity.node_id,
-                        hostname=self.identity.hostname,
-                        advertise_url=self.identity.advertise_url,
-                        cluster_id=self.cluster_id,
-                        epoch=self.epoch,
+            with session.scope:
+                await send.send(
+                    Frame(
+                        hello=pb.Hello(
+                            node_id=self.identity.node_id,
+                            hostname=self.identity.hostname,
+                            advertise_url=self.identity.advertise_url,
+                            cluster_id=self.cluster_id,
+                            epoch=self.epoch,
+                        )
                     )
                 )
-            )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeats, send)
-                await self._follow(session, send)
-                nursery.cancel_scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeats, send)
+                    await self._follow(session, send)
+                    nursery.cancel_scope.cancel()
         finally:
             self.sessions.remove(session)
             if not self.sessions:
@@ -199,13 +257,21 @@ class ReplicationServer:
         while True:
             # A fresh event before looking: a commit from now on wakes the next wait.
             session.wake = trio.Event()
-            if self._ending is not None:
-                await send.send(Frame(end=pb.End(reason=self._ending)))
+            ending = self._ending
+            if ending is not None and not self._drain:
+                await send.send(Frame(end=pb.End(reason=ending)))
                 return
             for db in self.store.databases():
                 await self._sync_database(session, db, send)
-                if self._ending is not None:
+                if self._stopping:
                     break
+            if session.handoff is not None and not session.handoff_sent.is_set():
+                await send.send(Frame(handoff=session.handoff))
+                session.handoff_sent.set()
+            if ending is not None:
+                # A whole pass since writes stopped: the replica has the final state.
+                await send.send(Frame(end=pb.End(reason=ending)))
+                return
             if not session.ready and self._ending is None:
                 session.ready = True
                 await send.send(Frame(ready=pb.Ready()))
@@ -216,6 +282,11 @@ class ReplicationServer:
             with trio.move_on_after(RETRY_INTERVAL if session.failing else math.inf):
                 await session.wake.wait()
 
+    @property
+    def _stopping(self) -> bool:
+        """Ending without draining: stop sending files."""
+        return self._ending is not None and not self._drain
+
     # --------------------------------------------------------- per database
 
     async def _sync_database(
@@ -224,7 +295,7 @@ class ReplicationServer:
         name = db.name
         if name in session.offline:
             return
-        while self._ending is None:
+        while not self._stopping:
             target = db.pos
             have = session.positions.get(name)
             if target.txid == 0 or have == target:
@@ -345,6 +416,8 @@ class ReplicationServer:
         session.positions[name] = Position(header.max_txid, trailer.post_apply_checksum)
         session.files_sent += 1
         session.bytes_sent += opened.size
+        session.progress.set()
+        session.progress = trio.Event()
         if snapshot:
             session.snapshots_sent += 1
         log.debug(

@@ -3,11 +3,14 @@
 `StatusService.reply` builds the protobuf reply on the node (trio side);
 `status_to_dict` turns a reply into the object `litefspy status --json` prints
 (docs/INTERFACE.md), so the CLI and tests share one definition of the fields.
+The other Admin methods (`Promote`, `Handoff`) are served by the node; their
+full names are here so that the node and the CLI share them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,10 @@ from litefspy.store.database import Database, FileKind
 from litefspy.store.store import Store
 from litefspy.v1 import admin_pb2 as pb
 
+_ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+PROMOTE_METHOD = f"/{_ADMIN}/Promote"
+HANDOFF_METHOD = f"/{_ADMIN}/Handoff"
+
 
 @dataclass(frozen=True)
 class NodeDescription:
@@ -31,6 +38,26 @@ class NodeDescription:
     hostname: str
     advertise_url: str
     lease_type: str
+
+
+@dataclass(frozen=True)
+class RoleSnapshot:
+    """The node's role and lease at one moment (the node builds it on each request).
+
+    `server` is set while this node is the primary, `client` while it follows
+    one (or waits for one). `expires_in_ms` is None unless this node holds a
+    lease that expires; `holder` is the hostname the lease engine names (None
+    when unknown or for a static lease).
+    """
+
+    role: str
+    epoch: int
+    cluster_id: str
+    candidate: bool
+    server: ReplicationServer | None = None
+    client: ReplicationClient | None = None
+    expires_in_ms: int | None = None
+    holder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,31 +109,18 @@ def _describe_databases(facts: list[_DatabaseFacts]) -> list[tuple[_DatabaseFact
 
 
 class StatusService:
-    """Builds `Admin.Status` replies from the node's collaborators."""
+    """Builds `Admin.Status` replies from the store and the node's `RoleSnapshot`."""
 
     def __init__(
-        self,
-        store: Store,
-        node: NodeDescription,
-        *,
-        cluster_id: str,
-        server: ReplicationServer | None = None,
-        client: ReplicationClient | None = None,
-        epoch: int = 0,
+        self, store: Store, node: NodeDescription, snapshot: Callable[[], RoleSnapshot]
     ) -> None:
         self.store = store
         self.node = node
-        self.cluster_id = cluster_id
-        self.server = server
-        self.client = client
-        self.epoch = epoch
-
-    @property
-    def role(self) -> str:
-        return "primary" if self.server is not None else "replica"
+        self.snapshot = snapshot
 
     async def reply(self) -> pb.StatusReply:
         """The current status (runs on the trio loop; file reads in a thread)."""
+        snap = self.snapshot()
         facts = [_facts(db) for db in self.store.databases()]
         described = await trio.to_thread.run_sync(_describe_databases, facts)
         me = pb.NodeInfo(
@@ -116,12 +130,18 @@ class StatusService:
         )
         reply = pb.StatusReply(
             node=me,
-            role=self.role,
-            lease=pb.LeaseStatus(type=self.node.lease_type, epoch=self.epoch),
-            # A replica adopts its cluster id from the first primary it streams from.
-            cluster_id=self.client.cluster_id if self.client is not None else self.cluster_id,
+            role=snap.role,
+            lease=pb.LeaseStatus(type=self.node.lease_type, epoch=snap.epoch),
+            cluster_id=snap.cluster_id,
+            candidate=snap.candidate,
         )
-        lag = self.client.lag_ms() if self.client is not None else 0
+        if snap.expires_in_ms is not None:
+            reply.lease.expires_in_ms = snap.expires_in_ms
+        if snap.holder is not None:
+            reply.lease.holder = snap.holder
+        server = snap.server
+        client = None if server is not None else snap.client
+        lag = client.lag_ms() if client is not None else 0
         for f, mode, size in described:
             reply.databases.append(
                 pb.DatabaseStatus(
@@ -134,9 +154,9 @@ class StatusService:
                     exists=f.exists,
                 )
             )
-        if self.server is not None:
+        if server is not None:
             reply.primary.CopyFrom(me)
-            for s in list(self.server.sessions):
+            for s in list(server.sessions):
                 replica = pb.ReplicaStatus(
                     node=pb.NodeInfo(
                         id=f"{s.node_id:016X}", hostname=s.hostname, advertise_url=s.advertise_url
@@ -151,8 +171,7 @@ class StatusService:
                         pb.ReplicaDatabase(name=name, txid=s.positions[name].txid)
                     )
                 reply.replicas.append(replica)
-        if self.client is not None:
-            client = self.client
+        if client is not None:
             primary = client.primary if client.connected else None
             if primary is not None:
                 reply.primary.CopyFrom(
@@ -162,7 +181,7 @@ class StatusService:
                         advertise_url=primary.advertise_url,
                     )
                 )
-                reply.lease.epoch = primary.epoch
+                reply.lease.epoch = max(reply.lease.epoch, primary.epoch)
             stats = client.stats
             reply.replication.CopyFrom(
                 pb.ReplicationStatus(
@@ -218,6 +237,7 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
             ),
         },
         "cluster_id": reply.cluster_id or None,
+        "candidate": reply.candidate,
         "databases": [
             {
                 "name": d.name,
@@ -244,6 +264,9 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
             for r in reply.replicas
         ],
     }
+    # Only engines that elect a holder have one to show (a static lease has none).
+    if reply.lease.HasField("holder"):
+        out["lease"]["holder"] = reply.lease.holder
     if reply.HasField("replication"):
         r = reply.replication
         out["replication"] = {
