@@ -1,14 +1,18 @@
-"""Cluster commands that talk to a running node over gRPC: `litefspy status`."""
+"""Cluster commands that talk to a running node over gRPC: `litefspy status`, `run`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from typing import Any
 
-from litefspy.errors import ConfigError
+from litefspy.errors import ConfigError, LitefspyError
 
 FALLBACK_URL = "http://localhost:20202"
+# How long `run --promote` lets the node take to become primary.
+PROMOTE_TIMEOUT = 30.0
 
 
 def add_parsers(sub: Any) -> None:
@@ -22,6 +26,29 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("-c", "--config", help="fuse.yml to take the default --url from")
     p.set_defaults(handler=_cmd_status)
 
+    p = sub.add_parser(
+        "run",
+        help="run a command on this node, optionally after making it the primary",
+        description="Run CMD, optionally after the node at --url became the primary through "
+        "a handoff from the current primary (--promote). Exits with CMD's code.",
+    )
+    p.add_argument(
+        "--url",
+        help=f"the node's gRPC URL (default: grpc.addr of the local fuse.yml, else {FALLBACK_URL})",
+    )
+    p.add_argument("-c", "--config", help="fuse.yml to take the default --url from")
+    p.add_argument(
+        "--promote", action="store_true", help="make the node the primary first (lease handoff)"
+    )
+    p.add_argument(
+        "--if-candidate",
+        action="store_true",
+        help="do nothing (exit 0) unless the node is a candidate (lease.candidate: true)",
+    )
+    p.add_argument("--with-halt-lock-on", metavar="DB", help="not supported yet (write forwarding)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    p.set_defaults(handler=_cmd_run)
+
 
 def default_url(config_path: str | None = None) -> str:
     """`http://` + grpc.addr of the local fuse.yml if there is one, else the default port."""
@@ -34,6 +61,50 @@ def default_url(config_path: str | None = None) -> str:
             raise
         return FALLBACK_URL
     return f"http://{load_config(path).grpc.client_address}"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from litefspy.replication.bridge import call_unary, fetch_status
+    from litefspy.replication.status import PROMOTE_METHOD
+    from litefspy.v1 import admin_pb2
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.with_halt_lock_on:
+        raise LitefspyError(
+            "--with-halt-lock-on is not supported yet; run the command on the primary, "
+            "or use --promote"
+        )
+    if not command and not args.promote:
+        sys.stderr.write("litefspy run: error: nothing to do: give --promote and/or -- CMD\n")
+        return 2
+    url = args.url or default_url(args.config)
+    if args.if_candidate and not fetch_status(url).candidate:
+        sys.stderr.write(f"litefspy: {url} is not a candidate; not running the command\n")
+        return 0
+    if args.promote:
+        reply = call_unary(
+            url,
+            PROMOTE_METHOD,
+            admin_pb2.PromoteRequest(timeout_seconds=PROMOTE_TIMEOUT),
+            admin_pb2.PromoteReply,
+            timeout=PROMOTE_TIMEOUT + 5,
+        )
+        if reply.already_primary:
+            sys.stderr.write(f"litefspy: {url} is already the primary (epoch {reply.epoch})\n")
+        else:
+            sys.stderr.write(
+                f"litefspy: {url} is now the primary (epoch {reply.epoch}, "
+                f"handed over by {reply.previous_primary or 'the old primary'})\n"
+            )
+    if not command:
+        return 0
+    try:
+        proc = subprocess.run(command, check=False)
+    except OSError as exc:
+        raise LitefspyError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -66,6 +137,7 @@ def render_status(status: dict[str, Any]) -> str:
         "primary:  "
         + (f"{primary['hostname']} {primary['advertise_url']}" if primary else "(not connected)"),
         f"lease:    {lease['type']} epoch {lease['epoch']}"
+        + (f", held by {lease['holder']}" if lease.get("holder") else "")
         + (
             f", expires in {lease['expires_in_ms']} ms"
             if lease.get("expires_in_ms") is not None
