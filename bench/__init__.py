@@ -28,6 +28,7 @@ def _lazy(module: str) -> Benchmark:
 
 BENCHMARKS: dict[str, Benchmark] = {
     "codec": _lazy("bench.codec"),
+    "failover": _lazy("bench.failover"),
     "fs": _lazy("bench.fs"),
     "replication": _lazy("bench.replication"),
 }
