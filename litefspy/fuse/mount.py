@@ -55,6 +55,13 @@ def cleanup_stale_mount(mountpoint: Path) -> None:
         raise LitefspyError(f"fuse.dir {mountpoint} is not a directory")
 
 
+def _close_once(path: Path) -> None:
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        log.debug("priming close failed %s: %s", kv(path=path), exc)
+
+
 def mount_options(*, allow_other: bool, debug: bool) -> set[str]:
     """The FUSE options: default_permissions; no writeback cache (every write must be seen)."""
     options = set(pyfuse3.default_options)
@@ -79,8 +86,13 @@ async def serve(
     cleanup_stale_mount(mountpoint)
     pyfuse3.init(ops, str(mountpoint), mount_options(allow_other=allow_other, debug=debug))
     try:
-        task_status.started()
-        await pyfuse3.main()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pyfuse3.main)
+            # One close through the mount, so the kernel learns at once that this
+            # filesystem has no FLUSH (see Operations.flush) before litefspy keeps
+            # descriptors open on its own mount.
+            await trio.to_thread.run_sync(_close_once, mountpoint / ".lag")
+            task_status.started()
     finally:
         # unmount=True detaches lazily, so open files in apps do not block shutdown.
         pyfuse3.close(unmount=True)

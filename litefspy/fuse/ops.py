@@ -392,7 +392,12 @@ class Operations(pyfuse3.Operations):
             raise _errno(exc, "write", mount_name(handle.node.name, handle.node.kind)) from None
 
     async def flush(self, fh: int) -> None:
+        # ENOSYS tells the kernel to stop sending FLUSH at all (there is nothing to
+        # flush: no writeback cache, no lock handlers). That matters when the daemon
+        # is killed: FLUSH is synchronous, so closing litefspy's own descriptors on
+        # its mount at exit would otherwise wait forever for the dying daemon.
         self._count("flush")
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         self._count("fsync")

@@ -181,9 +181,12 @@ class MountLocks:
         try:
             if wal:
                 shm = self._cached(name + "-shm", create=True)
-                assert shm is not None
-                held.lock(shm, fcntl.F_WRLCK, SHM_WRITE, SHM_NLOCK, deadline)
-                return held
+                if shm is not None:
+                    held.lock(shm, fcntl.F_WRLCK, SHM_WRITE, SHM_NLOCK, deadline)
+                    return held
+                # No -shm (the database went away meanwhile, or locking_mode=EXCLUSIVE,
+                # which keeps the WAL index in heap memory and holds the database
+                # lock instead): the database file's locks exclude its users.
             fd = self._cached(name)
             if fd is None:
                 return held

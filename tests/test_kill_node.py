@@ -1,0 +1,29 @@
+"""A node killed with SIGKILL exits at once, even with descriptors open on its own mount."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+
+from tests.cluster import replica_of, wait_same_pos
+from tests.nodes import NodeProcess
+
+
+def test_sigkill_of_a_replica_holding_lock_descriptors_exits(node_factory) -> None:
+    primary: NodeProcess = node_factory("primary").start()
+    replica = replica_of(node_factory, primary).start()
+    conn = sqlite3.connect(primary.db("app.db"), isolation_level=None)
+    conn.execute("PRAGMA journal_mode=wal")
+    conn.execute("CREATE TABLE t (x)")
+    for i in range(5):
+        conn.execute("INSERT INTO t VALUES (?)", (i,))
+    conn.close()
+    # Applying took SQLite's locks through the replica's own mount (cached descriptors).
+    wait_same_pos(primary, [replica], "app.db")
+    assert replica.proc is not None
+    replica.proc.send_signal(signal.SIGKILL)
+    try:
+        replica.proc.wait(10)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError("a killed node hung on exit (FLUSH to the dead daemon?)") from exc
