@@ -63,6 +63,18 @@ except sqlite3.OperationalError as exc:
 """
 
 
+def _primary_history(node_factory, rows: int, mode: str = "delete") -> NodeProcess:
+    """A primary node whose app.db got `rows` single-row commits of n = 1..rows."""
+    primary: NodeProcess = node_factory("primary").start()
+    conn = sqlite3.connect(primary.db("app.db"), isolation_level=None)
+    conn.execute(f"PRAGMA journal_mode={mode}")
+    conn.execute("CREATE TABLE t (n INTEGER)")
+    for i in range(1, rows + 1):
+        conn.execute("INSERT INTO t VALUES (?)", (i,))
+    conn.close()
+    return primary
+
+
 async def _mounted_replica(nursery: trio.Nursery, root: Path) -> tuple[Store, Path]:
     store = Store(root / "data")
     store.open()
@@ -91,13 +103,7 @@ def _query(path: Path, sql: str) -> list[tuple]:
 
 @pytest.mark.parametrize("mode", ["delete", "truncate", "persist", "wal"])
 async def test_replica_applies_under_readers(node_factory, tmp_path: Path, mode: str) -> None:
-    primary: NodeProcess = node_factory("primary").start()
-    conn = sqlite3.connect(primary.db("app.db"), isolation_level=None)
-    conn.execute(f"PRAGMA journal_mode={mode}")
-    conn.execute("CREATE TABLE t (n INTEGER)")
-    for i in range(1, 120):
-        conn.execute("INSERT INTO t VALUES (?)", (i,))
-    conn.close()
+    primary = _primary_history(node_factory, 119, mode)
     files = primary.ltx_files("app.db")
 
     async with trio.open_nursery() as nursery:
@@ -145,12 +151,7 @@ async def test_replica_applies_under_readers(node_factory, tmp_path: Path, mode:
 
 
 async def test_replica_refuses_gaps_and_corruption(node_factory, tmp_path: Path) -> None:
-    primary: NodeProcess = node_factory("primary").start()
-    conn = sqlite3.connect(primary.db("app.db"), isolation_level=None)
-    conn.execute("CREATE TABLE t (n INTEGER)")
-    for i in range(1, 6):
-        conn.execute("INSERT INTO t VALUES (?)", (i,))
-    conn.close()
+    primary = _primary_history(node_factory, 5)
     files = primary.ltx_files("app.db")
     async with trio.open_nursery() as nursery:
         store, mnt = await _mounted_replica(nursery, tmp_path / "replica")
@@ -177,12 +178,7 @@ async def test_offline_database_is_repaired_by_a_snapshot(node_factory, tmp_path
     is replaced by the primary's snapshot, and what it had is kept aside."""
     from litefspy.ltx.apply import apply_files, encode_database
 
-    primary: NodeProcess = node_factory("primary").start()
-    conn = sqlite3.connect(primary.db("app.db"), isolation_level=None)
-    conn.execute("CREATE TABLE t (n INTEGER)")
-    for i in range(1, 8):
-        conn.execute("INSERT INTO t VALUES (?)", (i,))
-    conn.close()
+    primary = _primary_history(node_factory, 7)
     files = primary.ltx_files("app.db")
     replica_root = tmp_path / "replica"
     async with trio.open_nursery() as nursery:
@@ -214,12 +210,7 @@ async def test_offline_database_is_repaired_by_a_snapshot(node_factory, tmp_path
 
 
 async def test_deletion_applies_from_a_diverged_position(node_factory, tmp_path: Path) -> None:
-    primary: NodeProcess = node_factory("primary").start()
-    conn = sqlite3.connect(primary.db("app.db"), isolation_level=None)
-    conn.execute("CREATE TABLE t (n INTEGER)")
-    for i in range(1, 6):
-        conn.execute("INSERT INTO t VALUES (?)", (i,))
-    conn.close()
+    primary = _primary_history(node_factory, 5)
     (primary.mnt / "app.db").unlink()
     files = primary.ltx_files("app.db")
     async with trio.open_nursery() as nursery:
