@@ -744,17 +744,16 @@ class Database:
         self._dirty.clear()
         wal = self.path(FileKind.WAL)
         if self._wal.index and self.checksums is not None:
-            page_size = self.checksums.page_size
-            fd = os.open(self.db_path, os.O_RDWR)
             wal_fd = os.open(wal, os.O_RDONLY)
             try:
-                for pgno, off in sorted(self._wal.index.items()):
-                    if pgno <= self.checksums.page_count:
-                        os.pwrite(fd, os.pread(wal_fd, page_size, off), (pgno - 1) * page_size)
-                os.ftruncate(fd, self.checksums.page_count * page_size)
-                os.fsync(fd)
+                fold_wal_pages(
+                    self.db_path,
+                    wal_fd,
+                    self._wal.index,
+                    self.checksums.page_size,
+                    self.checksums.page_count,
+                )
             finally:
-                os.close(fd)
                 os.close(wal_fd)
             done.append(f"checkpointed {len(self._wal.index)} WAL pages")
         if wal.exists() and wal.stat().st_size > 0:
@@ -951,19 +950,7 @@ class Database:
                 commit = txn.commit
             if commit is None:
                 return
-            fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                for pgno in sorted(latest):
-                    if pgno <= commit:
-                        os.pwrite(
-                            fd,
-                            os.pread(wf.fileno(), page_size, latest[pgno]),
-                            (pgno - 1) * page_size,
-                        )
-                os.ftruncate(fd, commit * page_size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fold_wal_pages(self.db_path, wf.fileno(), latest, page_size, commit)
         log.info("checkpointed captured WAL frames %s", kv(db=self.name, pages=len(latest)))
 
     def _adopt_existing_file(self) -> None:
@@ -1035,6 +1022,22 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def fold_wal_pages(
+    db_path: Path, wal_fd: int, pages: dict[int, int], page_size: int, commit: int
+) -> None:
+    """Checkpoint by hand: copy committed WAL pages (pgno -> page data offset) into
+    the database file, cut it to `commit` pages and fsync it."""
+    fd = os.open(db_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for pgno in sorted(pages):
+            if pgno <= commit:
+                os.pwrite(fd, os.pread(wal_fd, page_size, pages[pgno]), (pgno - 1) * page_size)
+        os.ftruncate(fd, commit * page_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sync_files(paths: list[Path], directory: Path) -> None:

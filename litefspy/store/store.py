@@ -394,15 +394,12 @@ class Store:
     ) -> PageChecksums:
         """Write the pages that differ (worker thread, exclusive locks held)."""
         page_size = header.page_size
-        if (
-            current is None
-            or current.page_size != page_size
-            or (header.is_snapshot and (current.page_size != page_size))
-        ):
+        if current is not None and current.page_size != page_size:
             current = None
-        after = current.copy() if current is not None else PageChecksums(page_size)
-        if header.is_snapshot:
-            after.truncate(0)
+        # `current` is the caller's private copy: an incremental file updates it in
+        # place (each page is compared before it is set); a snapshot starts empty
+        # and still compares against `current` to skip unchanged pages.
+        after = PageChecksums(page_size) if header.is_snapshot or current is None else current
         if header.is_snapshot:
             # Nothing of the old state may overlay the snapshot for readers.
             db.path(FileKind.JOURNAL).unlink(missing_ok=True)
