@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from litefspy.replication.bridge import fetch_status
+from litefspy.replication.bridge import RemoteError, fetch_status
 from litefspy.v1 import replication_pb2 as pb
 from tests.cluster import connect, dump, integrity, replica_lease, replica_of, wait_same_pos
 from tests.nodes import NodeProcess, free_port, wait_for
@@ -54,7 +54,10 @@ def test_primary_killed_mid_transfer_leaves_no_partial_apply(node_factory) -> No
     replica = replica_of(node_factory, primary, "replica").start()
 
     def receiving() -> bool:
-        stats = fetch_status(replica.url).replication
+        try:
+            stats = fetch_status(replica.url).replication
+        except RemoteError:
+            return False  # mounted, but its gRPC server is not listening yet
         return stats.bytes_received > 0
 
     wait_for(receiving, 60, interval=0.005, what="the transfer to start")
