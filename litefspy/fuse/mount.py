@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -62,6 +64,64 @@ def _close_once(path: Path) -> None:
         log.debug("priming close failed %s: %s", kv(path=path), exc)
 
 
+# Aborts the FUSE connection when litefspy dies (see _start_watchdog): $1 is
+# the connection's abort file. `sleep & wait` lets the trap run at once.
+_WATCHDOG = (
+    'trap \'echo 1 > "$1" 2>/dev/null; kill "$pid" 2>/dev/null; exit 0\' TERM; '
+    'while :; do sleep 3600 & pid=$!; wait "$pid"; done'
+)
+
+
+def _connection_id(mountpoint: Path) -> int | None:
+    """The FUSE connection number of the mount at `mountpoint` (from mountinfo, no FUSE I/O)."""
+    # Not mountpoint.resolve(): that would stat the mount root, which waits for
+    # this very daemon. mountinfo escapes blanks and backslashes as octal.
+    target = str(mountpoint.parent.resolve() / mountpoint.name)
+    for char in "\\ \t\n":
+        target = target.replace(char, f"\\{ord(char):03o}")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == target:
+            major, _, minor = fields[2].partition(":")
+            return int(minor) if major == "0" and minor.isdigit() else None
+    return None
+
+
+def _start_watchdog(mountpoint: Path) -> subprocess.Popen[bytes] | None:
+    """A tiny process that aborts this mount's FUSE connection if litefspy is killed.
+
+    When litefspy dies (SIGKILL, OOM), the kernel closes its descriptors one by
+    one; closing a descriptor litefspy holds on its own mount flushes the dirty
+    pages applications wrote into that file through mmap (SQLite's -shm), which
+    needs the dead daemon: the process would hang in exit forever with a dead
+    mount. The watchdog gets SIGTERM when its parent dies (setpriv --pdeathsig)
+    and aborts the connection, so everything waiting on it fails at once.
+    Started from the trio (main) thread: the parent-death signal follows the
+    thread that forked. A clean shutdown kills it first (see serve).
+    """
+    conn = _connection_id(mountpoint)
+    setpriv = shutil.which("setpriv")
+    if conn is None or setpriv is None:
+        log.debug("no FUSE watchdog %s", kv(connection=conn, setpriv=setpriv))
+        return None
+    abort = Path(f"/sys/fs/fuse/connections/{conn}/abort")
+    if not abort.exists():
+        log.debug("no FUSE watchdog: %s is missing (fusectl not mounted)", abort)
+        return None
+    return subprocess.Popen(
+        [setpriv, "--pdeathsig", "TERM", "sh", "-c", _WATCHDOG, "sh", str(abort)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def mount_options(*, allow_other: bool, debug: bool) -> set[str]:
     """The FUSE options: default_permissions; no writeback cache (every write must be seen)."""
     options = set(pyfuse3.default_options)
@@ -85,6 +145,7 @@ async def serve(
     """Mount `ops` at `mountpoint` and serve until cancelled; always unmounts."""
     cleanup_stale_mount(mountpoint)
     pyfuse3.init(ops, str(mountpoint), mount_options(allow_other=allow_other, debug=debug))
+    watchdog = _start_watchdog(mountpoint)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pyfuse3.main)
@@ -94,6 +155,12 @@ async def serve(
             await trio.to_thread.run_sync(_close_once, mountpoint / ".lag")
             task_status.started()
     finally:
+        if watchdog is not None:
+            # No abort on a clean shutdown: kill the watchdog and its sleep (its
+            # own process group) without letting it run its trap.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(watchdog.pid, signal.SIGKILL)
+            watchdog.wait()
         # unmount=True detaches lazily, so open files in apps do not block shutdown.
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", kv(dir=mountpoint))
