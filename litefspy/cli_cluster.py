@@ -23,6 +23,11 @@ def add_parsers(sub: Any) -> None:
         help=f"the node's gRPC URL (default: grpc.addr of the local fuse.yml, else {FALLBACK_URL})",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="then follow the node's events, one JSON object per line (as `litefspy events`)",
+    )
     p.add_argument("-c", "--config", help="fuse.yml to take the default --url from")
     p.set_defaults(handler=_cmd_status)
 
@@ -45,7 +50,12 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="do nothing (exit 0) unless the node is a candidate (lease.candidate: true)",
     )
-    p.add_argument("--with-halt-lock-on", metavar="DB", help="not supported yet (write forwarding)")
+    p.add_argument(
+        "--with-halt-lock-on",
+        metavar="DB",
+        help="on a replica: pause the primary's writers of DB and let CMD write to DB here; "
+        "each transaction is applied by the primary before it completes (write forwarding)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     p.set_defaults(handler=_cmd_run)
 
@@ -71,11 +81,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    if args.with_halt_lock_on:
-        raise LitefspyError(
-            "--with-halt-lock-on is not supported yet; run the command on the primary, "
-            "or use --promote"
-        )
+    if args.with_halt_lock_on and not command:
+        sys.stderr.write("litefspy run: error: --with-halt-lock-on needs -- CMD\n")
+        return 2
     if not command and not args.promote:
         sys.stderr.write("litefspy run: error: nothing to do: give --promote and/or -- CMD\n")
         return 2
@@ -100,11 +108,66 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
     if not command:
         return 0
+    if args.with_halt_lock_on:
+        return _run_with_halt_lock(url, args.with_halt_lock_on, command)
+    return _run_command(command)
+
+
+def _run_command(command: list[str]) -> int:
     try:
         proc = subprocess.run(command, check=False)
     except OSError as exc:
         raise LitefspyError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+def _run_with_halt_lock(url: str, name: str, command: list[str]) -> int:
+    """Run `command` while the node at `url` holds the halt lock on `name` (litefspy.halt)."""
+    import threading
+
+    from litefspy.cli_data import remote_message
+    from litefspy.halt import HOLD_METHOD
+    from litefspy.replication.bridge import CallHandle, RemoteError
+    from litefspy.v1 import halt_pb2
+
+    call = CallHandle(url, HOLD_METHOD, halt_pb2.HoldRequest(name=name), halt_pb2.HoldEvent)
+    try:
+        events = iter(call)
+        try:
+            first = next(events)
+        except RemoteError as exc:
+            raise LitefspyError(remote_message(exc, url)) from None
+        except StopIteration:
+            raise LitefspyError(f"{url} ended the halt lock call without an answer") from None
+        got = first.acquired
+        if got.on_primary:
+            sys.stderr.write(f"litefspy: {got.primary} is the primary; {name} is writable there\n")
+        else:
+            sys.stderr.write(
+                f"litefspy: halt lock on {name} held: the primary {got.primary} paused its "
+                f"writers at txid {got.txid:016x}; writes are forwarded to it\n"
+            )
+        finished = threading.Event()
+
+        def watch() -> None:
+            reason = "the node ended the halt lock"
+            try:
+                for event in events:
+                    if event.WhichOneof("event") == "lost":
+                        reason = event.lost.reason
+                        break
+            except RemoteError as exc:
+                reason = remote_message(exc, url)
+            if not finished.is_set():
+                sys.stderr.write(f"litefspy: {reason}; writes to {name} now fail on this node\n")
+
+        threading.Thread(target=watch, name="halt lock", daemon=True).start()
+        try:
+            return _run_command(command)
+        finally:
+            finished.set()
+    finally:
+        call.cancel()
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -113,6 +176,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     url = args.url or default_url(args.config)
     status = status_to_dict(fetch_status(url))
+    if args.watch:
+        # Events already start with the state of every database (`init`): the
+        # status object comes first, on one line, so the output stays NDJSON.
+        from litefspy.cli_data import follow_events
+
+        print(json.dumps(status), flush=True)
+        return follow_events(url)
     if args.json:
         print(json.dumps(status, indent=2))
     else:

@@ -55,7 +55,7 @@ def _url(args: argparse.Namespace) -> str:
     return str(args.url or default_url(args.config))
 
 
-def _remote_message(exc: Exception, url: str) -> str:
+def remote_message(exc: Exception, url: str) -> str:
     """The node's own message from a failed call, without the bridge's URL/code wrapping."""
     from litefspy.replication.bridge import RemoteError
 
@@ -104,7 +104,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
             timeout=TRANSFER_TIMEOUT,
         )
     except RemoteError as exc:
-        message = _remote_message(exc, url)
+        message = remote_message(exc, url)
         if not message.startswith(f"cannot import {name}"):
             message = f"cannot import {name}: {message}"
         raise LitefspyError(message) from None
@@ -148,7 +148,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                     else:
                         written += f.write(chunk.data)
             except RemoteError as exc:
-                message = _remote_message(exc, url)
+                message = remote_message(exc, url)
                 if not message.startswith(f"cannot export {name}"):
                     message = f"cannot export {name}: {message}"
                 raise LitefspyError(message) from None
@@ -172,15 +172,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
+    return follow_events(_url(args))
+
+
+def follow_events(url: str) -> int:
+    """Print the node's events as NDJSON until it ends the stream (an error) or Ctrl-C."""
     from litefspy.events import EVENTS_METHOD, event_to_json
     from litefspy.replication.bridge import RemoteError, call_server_stream
     from litefspy.v1 import data_pb2 as pb
 
-    url = _url(args)
     try:
         for event in call_server_stream(url, EVENTS_METHOD, pb.EventsRequest(), pb.Event, None):
             sys.stdout.write(json.dumps(event_to_json(event)) + "\n")
             sys.stdout.flush()
     except RemoteError as exc:
-        raise LitefspyError(f"events: {_remote_message(exc, url)}") from None
+        raise LitefspyError(f"events: {remote_message(exc, url)}") from None
     raise LitefspyError(f"events: the node at {url} ended the stream")

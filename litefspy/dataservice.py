@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -67,7 +67,7 @@ class DataService:
         self, requests: trio.MemoryReceiveChannel[pb.ImportRequest], peer: str
     ) -> pb.ImportReply:
         """Receive `start` then the file's chunks; import it; reply with the new position."""
-        first = await _next_or_none(requests)
+        first = await next_or_none(requests)
         if first is None or first.WhichOneof("part") != "start":
             raise RPCRefused(
                 Code.INVALID_ARGUMENT, "an import must start with the database name (start)"
@@ -78,7 +78,7 @@ class DataService:
         self._require_primary(name)
         tmp = self._tmp_path("import", name)
         try:
-            received = await _receive_file(requests, tmp)
+            received = await receive_file(requests, tmp)
             if received != size:
                 raise RPCRefused(
                     Code.INVALID_ARGUMENT,
@@ -133,23 +133,24 @@ class DataService:
         log.info("export done %s", kv(db=name, bytes=size, pos=pos, peer=peer))
 
 
-async def _next_or_none(
-    requests: trio.MemoryReceiveChannel[pb.ImportRequest],
-) -> pb.ImportRequest | None:
+async def next_or_none(requests: trio.MemoryReceiveChannel[Any]) -> Any:
+    """The first message of a client stream, or None if it sent nothing."""
     try:
         return await requests.receive()
     except trio.EndOfChannel:
         return None
 
 
-async def _receive_file(requests: trio.MemoryReceiveChannel[pb.ImportRequest], out: Path) -> int:
-    """Write every `data` chunk to `out`; the number of bytes received."""
+async def receive_file(
+    requests: trio.MemoryReceiveChannel[Any], out: Path, *, what: str = "an import"
+) -> int:
+    """Write every `data` chunk of an upload to `out`; the number of bytes received."""
     await trio.to_thread.run_sync(_mkdir, out.parent)
     received = 0
     async with await trio.open_file(out, "wb") as f:
         async for request in requests:
             if request.WhichOneof("part") != "data":
-                raise RPCRefused(Code.INVALID_ARGUMENT, "an import has exactly one start message")
+                raise RPCRefused(Code.INVALID_ARGUMENT, f"{what} has exactly one start message")
             await f.write(request.data)
             received += len(request.data)
     return received

@@ -31,6 +31,10 @@ class ReadOnlyError(DatabaseError):
     """A write was attempted on a replica (or a database that refuses writes)."""
 
 
+class ForwardError(DatabaseError):
+    """The primary did not accept a transaction forwarded from this replica."""
+
+
 class NotFoundError(DatabaseError):
     """No such database or file."""
 

@@ -54,14 +54,17 @@ class NodeView(Protocol):
 def register_rpcs(node: NodeView, server: GRPCServer) -> None:
     """Add the services' RPCs to the node's gRPC server (called before it serves).
 
-    `Data.Import` / `Data.Export` (litefspy.dataservice) and `Data.Events`
-    (litefspy.events, which subscribes to the store and the role changes here).
+    `Data.Import` / `Data.Export` (litefspy.dataservice), `Data.Events`
+    (litefspy.events, which subscribes to the store and the role changes here)
+    and the `Halt` service of write forwarding (litefspy.halt).
     """
     from litefspy.dataservice import DataService
     from litefspy.events import EventHub
+    from litefspy.halt import HaltService
 
     DataService(node).register(server)
     EventHub(node).register(server)
+    HaltService(node).register(server)
 
 
 async def serve_extras(

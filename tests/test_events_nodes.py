@@ -19,9 +19,9 @@ pytestmark = needs_wired_node
 class Events:
     """`litefspy events --url URL` in a subprocess, its lines parsed by a reader thread."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, command: tuple[str, ...] = ("events",)) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "litefspy", "events", "--url", url],
+            [sys.executable, "-m", "litefspy", *command, "--url", url],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -97,3 +97,24 @@ def test_events_on_primary_and_replica(node_factory) -> None:
     finally:
         on_primary.close()
         on_replica.close()
+
+
+def test_status_watch_prints_status_then_follows_events(node_factory) -> None:
+    primary: NodeProcess = node_factory("primary").start()
+    conn = connect(primary.db("app.db"))
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    watch = Events(primary.url, ("status", "--watch"))
+    try:
+        status = watch.next()
+        assert status["role"] == "primary" and status["node"]["hostname"] == "primary"
+        txid = primary.pos("app.db")[0]
+        assert [d["txid"] for d in status["databases"]] == [f"{txid:016x}"]
+        assert watch.next()["type"] == "init"
+        conn = connect(primary.db("app.db"))
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.close()
+        tx = watch.next()
+        assert tx["type"] == "tx" and int(tx["data"]["txID"], 16) == txid + 1
+    finally:
+        watch.close()

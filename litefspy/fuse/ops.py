@@ -352,7 +352,7 @@ class Operations(pyfuse3.Operations):
                 log.warning("create refused %s", kv(name=text, reason="not a database name"))
                 raise pyfuse3.FUSEError(errno.EPERM)
             if (
-                not self.store.writable
+                not self.store.accepts_writes(db_name)
                 and kind in (FileKind.DATABASE, FileKind.JOURNAL)
                 and not self.is_own_request(ctx)
             ):

@@ -94,9 +94,11 @@ class RPCRefused(ReplicationError):
 class RemoteError(ReplicationError):
     """A gRPC call failed; `code` is the status code name (e.g. "UNAVAILABLE")."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, details: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        # The server's own message, when it answered (None when unreachable).
+        self.details = details
 
 
 Frame = replication_pb2.StreamFrame
@@ -173,7 +175,7 @@ def _describe_rpc_error(exc: Any, url: str) -> RemoteError:
         return RemoteError(name, f"cannot reach litefspy node at {url} ({details or name})")
     if name == "DEADLINE_EXCEEDED":
         return RemoteError(name, f"litefspy node at {url} did not answer in time")
-    return RemoteError(name, f"{url} failed the call: {details or name} ({name})")
+    return RemoteError(name, f"{url} failed the call: {details or name} ({name})", details)
 
 
 # --------------------------------------------------------------------- server
@@ -509,29 +511,46 @@ class GRPCServer:
 # --------------------------------------------------------------------- client
 
 
-class FrameStream:
-    """Frames of one open `Replication.Stream`, received in trio."""
+class MessageStream:
+    """Messages of one open server-streaming call, received in trio."""
 
-    def __init__(self, recv: trio.MemoryReceiveChannel[Frame | ReplicationError], url: str):
+    def __init__(self, recv: trio.MemoryReceiveChannel[Any], url: str):
         self._recv = recv
         self.url = url
 
-    async def receive(self) -> Frame:
-        """The next frame; ReplicationError when the stream fails or ends."""
+    async def receive(self) -> Any:
+        """The next message; ReplicationError when the stream fails or ends."""
         try:
             item = await self._recv.receive()
         except trio.EndOfChannel:
-            raise ReplicationError(f"primary {self.url} closed the stream") from None
+            raise ReplicationError(f"{self.url} closed the stream") from None
         if isinstance(item, ReplicationError):
             raise item
         return item
+
+
+class FrameStream(MessageStream):
+    """Frames of one open `Replication.Stream`."""
+
+    async def receive(self) -> Frame:
+        frame: Frame = await super().receive()
+        return frame
 
 
 @asynccontextmanager
 async def open_stream(
     url: str, request: replication_pb2.StreamRequest
 ) -> AsyncIterator[FrameStream]:
-    """Open `Replication.Stream` at `url`; leaving the block cancels the call.
+    """Open `Replication.Stream` at `url`; leaving the block cancels the call."""
+    async with open_server_stream(url, STREAM_METHOD, request, Frame) as stream:
+        yield FrameStream(stream._recv, url)
+
+
+@asynccontextmanager
+async def open_server_stream(
+    url: str, method: str, request: Any, response_type: Any
+) -> AsyncIterator[MessageStream]:
+    """Call server-streaming `method` at `url`; leaving the block cancels the call.
 
     The blocking iteration runs in a thread of its own (not a nursery task, so
     errors raised in the caller's block reach the caller unwrapped); cancelling
@@ -540,17 +559,17 @@ async def open_stream(
     token = trio.lowlevel.current_trio_token()
     channel = _channel(url)
     call = channel.unary_stream(
-        STREAM_METHOD,
-        request_serializer=replication_pb2.StreamRequest.SerializeToString,
-        response_deserializer=Frame.FromString,
+        method,
+        request_serializer=type(request).SerializeToString,
+        response_deserializer=response_type.FromString,
     )(request)
-    send, recv = trio.open_memory_channel[Frame | ReplicationError](_CHANNEL_DEPTH)
+    send, recv = trio.open_memory_channel[Any](_CHANNEL_DEPTH)
 
     def pump() -> None:
         final: ReplicationError | None = None
         try:
-            for frame in call:
-                trio.from_thread.run(send.send, frame, trio_token=token)
+            for message in call:
+                trio.from_thread.run(send.send, message, trio_token=token)
         except grpc.RpcError as exc:
             final = _describe_rpc_error(exc, url)
         except _GONE:
@@ -565,13 +584,38 @@ async def open_stream(
     def done(outcome: object) -> None:
         del outcome  # pump handles everything it expects; see _GONE
 
-    trio.lowlevel.start_thread_soon(pump, done, name="litefspy replication stream")
+    trio.lowlevel.start_thread_soon(pump, done, name=f"litefspy stream {method}")
     try:
-        yield FrameStream(recv, url)
+        yield MessageStream(recv, url)
     finally:
         call.cancel()
         recv.close()
         channel.close()
+
+
+class CallHandle:
+    """A blocking server-streaming call the caller can cancel from another thread."""
+
+    def __init__(self, url: str, method: str, request: Any, response_type: Any) -> None:
+        self.url = url
+        self._channel = _channel(url)
+        self._call = self._channel.unary_stream(
+            method,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,
+        )(request)
+
+    def __iter__(self) -> Iterator[Any]:
+        """The responses; RemoteError on failure (also after `cancel`)."""
+        try:
+            yield from self._call
+        except grpc.RpcError as exc:
+            raise _describe_rpc_error(exc, self.url) from None
+
+    def cancel(self) -> None:
+        """End the call (the server sees the client go away)."""
+        self._call.cancel()
+        self._channel.close()
 
 
 _GONE = (

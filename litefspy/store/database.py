@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from litefspy.errors import DatabaseError, LTXError, ReadOnlyError, RecoveryError, SQLiteFormatError
+from litefspy.errors import (
+    DatabaseError,
+    ForwardError,
+    LTXError,
+    ReadOnlyError,
+    RecoveryError,
+    SQLiteFormatError,
+)
 from litefspy.logs import kv
 from litefspy.ltx.apply import apply_ltx
 from litefspy.ltx.checksum import PageChecksums, page_checksum
@@ -85,6 +92,10 @@ class CommitInfo:
 
 
 CommitListener = Callable[[CommitInfo], None]
+# Write forwarding (litefspy.halt): sends a finished LTX file (path, txid,
+# post-apply checksum) to the primary and returns once the primary has applied
+# it; raises ForwardError if it did not.
+Forwarder = Callable[[Path, int, int], None]
 
 
 class Database:
@@ -120,6 +131,9 @@ class Database:
         # LTX files written but not yet fsynced (WAL commits), oldest first.
         self.unsynced: list[Path] = []
         self._last_changes: ChecksumChanges | None = None
+        # Set while this replica holds a halt lock on the database: every commit
+        # captured here is applied by the primary before it completes.
+        self.forward: Forwarder | None = None
 
     # ----------------------------------------------------------------- paths
 
@@ -363,7 +377,8 @@ class Database:
             # Demoted mid-transaction: only a rollback (no change) may complete.
             if self._dirty_pages_changed():
                 raise ReadOnlyError(
-                    f"commit to {self.name} refused: this node is no longer the primary"
+                    f"commit to {self.name} refused: this node does not take writes any more "
+                    "(it was demoted, or its halt lock ended)"
                 )
             self._journal_active = False
             self._dirty.clear()
@@ -593,6 +608,15 @@ class Database:
             enc.finish(checksums.total)
             f.flush()
             size = f.tell()
+            if self.forward is not None:
+                # Primary first: until it has the transaction, the commit has not
+                # happened (a failure undoes it here like a full disk would).
+                try:
+                    self.forward(tmp, txid, checksums.total)
+                except BaseException:
+                    f.close()
+                    tmp.unlink(missing_ok=True)
+                    raise
             if durable:
                 # Content durable before the name exists: a final-named file is then
                 # never torn. The rename itself becomes durable with the next sync;
@@ -726,20 +750,37 @@ class Database:
         ).is_wal
         return ltx
 
-    def settle_after_demotion(self) -> str | None:
+    def needs_settling(self) -> bool:
+        """Is there anything besides the database file that readers would see?
+
+        A replica's WAL is empty and it has no journal, except after writes a
+        halt lock allowed (write forwarding) or a demotion.
+        """
+        return (
+            bool(self._wal.index)
+            or self._wal.header is not None
+            or (self.path(FileKind.JOURNAL).exists())
+        )
+
+    def settle(self, *, verify: bool = True) -> str | None:
         """Worker thread, every SQLite connection locked out: leave only committed state.
 
         Rolls back a hot journal nobody finished, checkpoints the captured WAL
         frames into the database and empties the WAL (a replica applies LTX files
-        to the database file, so old frames must never overlay them). Returns what
-        was done, for the log, or None.
+        to the database file, so old frames must never overlay them). With
+        `verify`, the database file is then checked against the position
+        (O(size): demotion only). Returns what was done, for the log, or None.
         """
         done = []
         journal = self.path(FileKind.JOURNAL)
-        if journal.exists() and is_hot_journal(journal, self.db_path):
-            pages = rollback_journal(journal, self.db_path)
+        if journal.exists():
+            if is_hot_journal(journal, self.db_path):
+                pages = rollback_journal(journal, self.db_path)
+                done.append(f"rolled back a hot journal ({pages} pages)")
+            # Nobody holds a lock: what is left is SQLite's own garbage (a
+            # transaction that died before its journal was synced), which a
+            # reader would try to delete, and readers may not delete on a replica.
             journal.unlink()
-            done.append(f"rolled back a hot journal ({pages} pages)")
         self._journal_active = False
         self._dirty.clear()
         wal = self.path(FileKind.WAL)
@@ -760,7 +801,7 @@ class Database:
             os.truncate(wal, 0)
         self._wal.reset()
         self.close()
-        if self.checksums is not None and self.exists():
+        if verify and self.checksums is not None and self.exists():
             with open(self.db_path, "rb") as f:
                 actual = PageChecksums.from_file(
                     f, self.checksums.page_size, self.checksums.page_count
@@ -845,7 +886,7 @@ class Database:
             return True
         start = None
         for i in range(len(files) - 2, -1, -1):
-            if _post_apply_checksum(files[i][2]) == checksums.total:
+            if post_apply_checksum(files[i][2]) == checksums.total:
                 start = i + 1
                 break
         if start is None:
@@ -1051,7 +1092,7 @@ def sync_files(paths: list[Path], directory: Path) -> None:
         os.close(fd)
 
 
-def _post_apply_checksum(path: Path) -> int:
+def post_apply_checksum(path: Path) -> int:
     """The post-apply checksum in an LTX file's trailer (its last 16 bytes)."""
     with open(path, "rb") as f:
         f.seek(-16, os.SEEK_END)
@@ -1181,6 +1222,8 @@ def errno_for(exc: BaseException) -> int:
     """Map a store exception to the errno the FUSE layer answers with."""
     if isinstance(exc, ReadOnlyError):
         return errno.EROFS
+    if isinstance(exc, ForwardError):
+        return errno.EIO
     if isinstance(exc, OSError) and exc.errno is not None:
         return exc.errno
     if isinstance(exc, DatabaseError):

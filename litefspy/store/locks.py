@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import secrets
+import sqlite3
 import struct
 import sys
 import threading
@@ -36,6 +37,7 @@ SHM_WRITE = 120
 SHM_CKPT = 121
 SHM_READ0 = 123
 SHM_NLOCK = 8
+SHM_DMS = SHM_WRITE + SHM_NLOCK  # dead-man switch: shared while a connection is open
 
 _FLOCK = "hhqqixxxx"  # struct flock on Linux x86_64/aarch64: 32 bytes
 
@@ -195,6 +197,77 @@ class MountLocks:
                 held.lock(fd, fcntl.F_WRLCK, RESERVED_BYTE, 1, deadline)
             held.lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1, deadline)
             held.lock(fd, fcntl.F_WRLCK, SHARED_FIRST, SHARED_SIZE, deadline)
+            return held
+        except BaseException:
+            held.release()
+            raise
+
+    def writers(
+        self, name: str, wal: bool, timeout: float, extend: HeldLocks | None = None
+    ) -> HeldLocks:
+        """Pause every SQLite writer of `name` (the halt lock); readers go on.
+
+        RESERVED on the database (rollback-mode writers). In WAL mode also the
+        -shm write lock, plus what a connection holds: SHARED on the database
+        and the shared dead-man-switch byte of -shm. Without those the last
+        connection to close would checkpoint and delete the WAL and -shm (it
+        would believe it was alone), and the next one to open would rebuild the
+        WAL index, which needs the write lock: readers would fail with
+        SQLITE_PROTOCOL. A short-lived SQLite connection first makes sure the
+        WAL index is built. Holds this database's litefspy mutex until
+        released, so other litefspy lock holders (snapshots, imports, demotion)
+        wait. `extend`: add the WAL-mode ranges to a writers lock already held
+        (the database switched to WAL meanwhile).
+        """
+        deadline = time.monotonic() + timeout
+        held = extend if extend is not None else self._begin(name)
+        try:
+            fd = self._cached(name)
+            if fd is None:
+                raise DatabaseError(f"database {name} does not exist")
+            held.lock(fd, fcntl.F_WRLCK, RESERVED_BYTE, 1, deadline)
+            if wal:
+                _ofd_lock(fd, fcntl.F_RDLCK, PENDING_BYTE, 1, deadline)
+                held.lock(fd, fcntl.F_RDLCK, SHARED_FIRST, SHARED_SIZE, deadline)
+                _ofd_lock(fd, fcntl.F_UNLCK, PENDING_BYTE, 1, deadline)
+                helper = sqlite3.connect(self.mountpoint / name, timeout=timeout)
+                try:
+                    helper.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                    shm = self._cached(name + "-shm", create=True)
+                    if shm is not None:
+                        held.lock(shm, fcntl.F_RDLCK, SHM_DMS, 1, deadline)
+                        held.lock(shm, fcntl.F_WRLCK, SHM_WRITE, 1, deadline)
+                finally:
+                    helper.close()
+            return held
+        except sqlite3.Error as exc:
+            if extend is None:
+                held.release()
+            raise DatabaseError(f"cannot read {name} to halt it: {exc}") from None
+        except BaseException:
+            if extend is None:
+                held.release()
+            raise
+
+    def exclude_readers(self, name: str, wal: bool) -> HeldLocks:
+        """With `writers` held: keep readers out too, until this is released.
+
+        Takes the remaining ranges of `exclusive` on the same cached descriptors
+        (one open file description, so they merge with the writers lock instead
+        of conflicting with it); releasing them leaves the writers lock in place.
+        """
+        deadline = time.monotonic() + self.timeout
+        held = HeldLocks()
+        try:
+            if wal:
+                shm = self._cached(name + "-shm", create=True)
+                if shm is not None:
+                    held.lock(shm, fcntl.F_WRLCK, SHM_CKPT, SHM_NLOCK - 1, deadline)
+                    return held
+            fd = self._cached(name)
+            if fd is not None:
+                held.lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1, deadline)
+                held.lock(fd, fcntl.F_WRLCK, SHARED_FIRST, SHARED_SIZE, deadline)
             return held
         except BaseException:
             held.release()

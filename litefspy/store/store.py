@@ -10,6 +10,8 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -34,8 +36,10 @@ from litefspy.store.database import (
     CommitInfo,
     Database,
     FileKind,
+    Forwarder,
     Position,
     fsync_dir,
+    post_apply_checksum,
     sync_files,
     write_snapshot,
 )
@@ -128,6 +132,30 @@ class CacheInvalidator(Protocol):
         """Invalidate cached pages, attributes and entries of every file of `name`."""
 
 
+@dataclass
+class Halt:
+    """A halt lock the primary holds for a replica (write forwarding, litefspy.halt).
+
+    `held` pauses the database's SQLite writers on this node; `expires` (trio
+    clock) moves forward with every renewal or forwarded commit; `lock` keeps
+    one forwarded commit at a time and lets `end_halt` wait for one in flight.
+    """
+
+    id: str
+    name: str
+    holder: str
+    ttl: float
+    held: HeldLocks
+    wal: bool
+    expires: float = 0.0
+    active: bool = True
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    ended: trio.Event = field(default_factory=trio.Event)
+
+    def renew(self) -> None:
+        self.expires = trio.current_time() + self.ttl
+
+
 class Store:
     """The databases under `<data>/dbs/`, their role (writable or not) and listeners."""
 
@@ -146,6 +174,8 @@ class Store:
         self.tmp_dir = self.data_dir / "tmp"
         self._locks: MountLocks | None = None
         self._invalidator: CacheInvalidator | None = None
+        # Primary: halt locks held for replicas, by database name.
+        self.halts: dict[str, Halt] = {}
 
     def open(self) -> None:
         """Recover every database found on disk."""
@@ -218,6 +248,13 @@ class Store:
         self.writable = writable
         for db in self._dbs.values():
             db.writable = writable
+            if writable:
+                db.forward = None
+
+    def accepts_writes(self, name: str) -> bool:
+        """The node is the primary, or holds a halt lock on `name` (write forwarding)."""
+        db = self._dbs.get(name)
+        return self.writable or (db is not None and db.writable)
 
     def get(self, name: str) -> Database | None:
         """The database, or None if unknown. Offline databases raise NotFoundError."""
@@ -308,6 +345,11 @@ class Store:
             if not valid_database_name(name):
                 raise ReplicationError(f"invalid database name {name!r} from the primary")
             db = self.create(name)
+        if self._already_applied(db, header, trailer):
+            # The primary sent back a transaction this replica forwarded to it
+            # (write forwarding): it is already here, byte for byte.
+            await trio.to_thread.run_sync(_unlink, path)
+            return db.pos
         deletion = header.commit == 0
         continues = header.min_txid == db.pos.txid + 1 and (
             header.pre_apply_checksum == db.pos.checksum
@@ -344,6 +386,11 @@ class Store:
             self._install_ltx(db, header, path, final, set_aside)
             held = self._locks.exclusive(name, wal) if self._locks is not None else HeldLocks()
             try:
+                if db.needs_settling():
+                    # Writes a halt lock allowed here left WAL frames or a hot
+                    # journal (a forwarded commit the primary did not confirm):
+                    # only the committed state may stay under the new pages.
+                    db.settle(verify=False)
                 after = self._write_applied(db, final, header, trailer, current)
                 self._after_apply(name, wal)
                 return after
@@ -357,6 +404,19 @@ class Store:
             CommitInfo(name, header.max_txid, final, final.stat().st_size, header.timestamp)
         )
         return pos
+
+    @staticmethod
+    def _already_applied(db: Database, header: Header, trailer: Trailer) -> bool:
+        """Is this incremental LTX file one this database already has (same TXID, same result)?"""
+        if header.is_snapshot or header.max_txid > db.pos.txid:
+            return False
+        if header.max_txid == db.pos.txid:
+            return trailer.post_apply_checksum == db.pos.checksum
+        local = db.ltx_path(header.min_txid, header.max_txid)
+        try:
+            return post_apply_checksum(local) == trailer.post_apply_checksum
+        except OSError:
+            return False
 
     def _install_ltx(
         self, db: Database, header: Header, src: Path, final: Path, set_aside: bool
@@ -455,28 +515,167 @@ class Store:
         that cannot be settled gets position 0 so the new primary re-snapshots it.
         """
         self.set_writable(False)
+        for halt in list(self.halts.values()):
+            log.warning(
+                "halt lock dropped: this node is no longer the primary %s",
+                kv(db=halt.name, holder=halt.holder),
+            )
+            await self.end_halt(halt)
         for db in self.databases():
-            wal = db.is_wal_mode()
-            try:
-                held = await self._lock(db.name, wal, exclusive=True, writers=True)
-            except DatabaseError as exc:
-                log.error("could not lock database for demotion %s: %s", kv(db=db.name), exc)
-                continue
-            try:
-                done = await trio.to_thread.run_sync(db.settle_after_demotion)
-                await trio.to_thread.run_sync(self._after_apply, db.name, wal)
-            except (OSError, DatabaseError) as exc:
-                log.error("database needs a snapshot after demotion %s: %s", kv(db=db.name), exc)
-                db.pos = Position(0, 0)
-                continue
-            finally:
-                await trio.to_thread.run_sync(held.release)
-            if done:
-                log.info("settled database after demotion %s: %s", kv(db=db.name), done)
+            await self._settle_database(db, "demotion")
+
+    async def _settle_database(self, db: Database, why: str, *, verify: bool = True) -> None:
+        """Lock every SQLite connection out and leave only committed state (Database.settle).
+
+        A database that cannot be settled gets position 0, so the primary
+        re-snapshots it.
+        """
+        wal = db.is_wal_mode()
+        try:
+            held = await self._lock(db.name, wal, exclusive=True, writers=True)
+        except DatabaseError as exc:
+            log.error("could not lock database to settle it %s: %s", kv(db=db.name, after=why), exc)
+            return
+        try:
+            done = await trio.to_thread.run_sync(partial(db.settle, verify=verify))
+            await trio.to_thread.run_sync(self._after_apply, db.name, wal)
+        except (OSError, DatabaseError) as exc:
+            log.error("database needs a snapshot %s: %s", kv(db=db.name, after=why), exc)
+            db.pos = Position(0, 0)
+            return
+        finally:
+            await trio.to_thread.run_sync(held.release)
+        if done:
+            log.info("settled database %s: %s", kv(db=db.name, after=why), done)
 
     def promote(self) -> None:
         """Replica -> primary: accept writes (the caller has caught up first)."""
         self.set_writable(True)
+
+    # -------------------------------------------- write forwarding (halt lock)
+
+    async def begin_halt(self, name: str, holder: str, ttl: float, patience: float) -> Halt:
+        """Primary: pause the SQLite writers of `name` on this node for a replica.
+
+        Waits up to `patience` seconds for another halt on the database to end and
+        for the writers in progress to finish. Readers are not affected.
+        """
+        if not self.writable:
+            raise ReadOnlyError(f"cannot halt {name}: this node is not the primary")
+        db = self.get(name)
+        if db is None or not db.exists() or db.pos.txid == 0:
+            raise NotFoundError(
+                f"database {name} does not exist on the primary; create it there first"
+            )
+        locks = self._locks
+        if locks is None:
+            raise DatabaseError("halt locks need the mount")
+        with trio.move_on_after(patience):
+            while (current := self.halts.get(name)) is not None:
+                await current.ended.wait()
+        if current is not None:
+            raise DatabaseError(
+                f"cannot halt {name}: {current.holder} holds its halt lock (waited {patience:g} s)"
+            )
+        wal = db.is_wal_mode()
+        try:
+            held = await trio.to_thread.run_sync(locks.writers, name, wal, patience)
+        except DatabaseError as exc:
+            raise DatabaseError(f"cannot halt {name}: writers did not finish ({exc})") from None
+        if not self.writable or name in self.halts:
+            await trio.to_thread.run_sync(held.release)
+            raise DatabaseError(f"cannot halt {name}: the node's role changed meanwhile")
+        halt = Halt(secrets.token_hex(8), name, holder, ttl, held, wal)
+        halt.renew()
+        self.halts[name] = halt
+        log.info("halt lock granted %s", kv(db=name, holder=holder, pos=db.pos))
+        return halt
+
+    async def end_halt(self, halt: Halt) -> None:
+        """Primary: let the writers go on (waits for a forwarded commit in flight)."""
+        halt.active = False
+        if self.halts.get(halt.name) is halt:
+            del self.halts[halt.name]
+        with trio.CancelScope(shield=True):
+            async with halt.lock:
+                await trio.to_thread.run_sync(halt.held.release)
+        halt.ended.set()
+        log.info("halt lock released %s", kv(db=halt.name, holder=halt.holder))
+
+    async def apply_forwarded(self, halt: Halt, path: Path) -> Position:
+        """Primary: apply a transaction a halt holder committed, as the next TXID.
+
+        Under the halt (writers paused) readers are locked out too while the
+        pages are written, the database's own WAL is folded in first, and the
+        file is kept as this node's LTX file, so replicas receive it like any
+        other commit (the sender recognises its own transaction).
+        """
+        async with halt.lock:
+            if not halt.active or self.halts.get(halt.name) is not halt or not self.writable:
+                raise DatabaseError(f"the halt lock on {halt.name} is no longer held")
+            name = halt.name
+            header, trailer = await trio.to_thread.run_sync(verify_file, path)
+            db = self._require(name)
+            if (
+                header.is_snapshot
+                or header.min_txid != db.pos.txid + 1
+                or (header.pre_apply_checksum != db.pos.checksum)
+            ):
+                raise DatabaseError(
+                    f"forwarded transaction {header.min_txid:016x}-{header.max_txid:016x} "
+                    f"does not continue {name} at {db.pos} on the primary"
+                )
+            if db.checksums is None or db.checksums.page_size != header.page_size:
+                raise DatabaseError(f"forwarded transaction changes the page size of {name}")
+            final = db.ltx_path(header.min_txid, header.max_txid)
+            current = db.checksums.copy()
+            wal = db.is_wal_mode()
+            locks = self._locks
+            assert locks is not None
+
+            def apply_in_thread() -> PageChecksums:
+                extra = locks.exclude_readers(name, wal)
+                try:
+                    db.settle(verify=False)
+                    self._install_ltx(db, header, path, final, False)
+                    after = self._write_applied(db, final, header, trailer, current)
+                    self._after_apply(name, wal)
+                    return after
+                finally:
+                    extra.release()
+
+            after = await trio.to_thread.run_sync(apply_in_thread)
+            pos = Position(header.max_txid, trailer.post_apply_checksum)
+            db.applied(pos, after if header.commit else None)
+            halt.renew()
+            if header.commit and db.is_wal_mode() and not halt.wal:
+                # The transaction switched the database to WAL mode: its writers
+                # now take the -shm write lock, which the halt must hold too.
+                await trio.to_thread.run_sync(locks.writers, name, True, 10.0, halt.held)
+                halt.wal = True
+        log.info(
+            "applied forwarded transaction %s",
+            kv(db=name, txid=f"{pos.txid:016x}", holder=halt.holder),
+        )
+        self._notify(CommitInfo(name, pos.txid, final, final.stat().st_size, header.timestamp))
+        return pos
+
+    def begin_forwarding(self, name: str, forward: Forwarder) -> None:
+        """Replica: accept writes to `name`, each commit applied by the primary first."""
+        db = self._require(name)
+        db.forward = forward
+        db.writable = True
+
+    async def end_forwarding(self, name: str) -> None:
+        """Replica: writes to `name` are refused again; only committed state stays."""
+        db = self._dbs.get(name)
+        if db is None or db.forward is None:
+            return
+        db.forward = None
+        db.writable = self.writable
+        if not self.writable:
+            with trio.CancelScope(shield=True):
+                await self._settle_database(db, "write forwarding", verify=False)
 
     # ------------------------------------------------------- import / export
 
@@ -542,3 +741,7 @@ class Store:
             removed = await trio.to_thread.run_sync(self.enforce_retention, retention)
             if removed:
                 log.info("retention removed LTX files %s", kv(count=removed))
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)

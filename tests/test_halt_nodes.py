@@ -1,0 +1,351 @@
+"""Write forwarding: `litefspy run --with-halt-lock-on DB` against real node processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import connect, dump, integrity, replica_of, try_insert, values, wait_same_pos
+from tests.nodes import NodeProcess, wait_for
+from tests.test_services_harness import needs_wired_node
+
+pytestmark = needs_wired_node
+
+# The command the tests run under the halt lock: writes rows on the replica's
+# mount in separate transactions, checks on the way that the primary's own
+# writers are paused, and reports in `out`.
+WRITER = textwrap.dedent(
+    """
+    import sqlite3, sys
+    replica_db, primary_db, first, count, out = sys.argv[1:6]
+    conn = sqlite3.connect(replica_db, isolation_level=None, timeout=10)
+    report = []
+    for i in range(int(first), int(first) + int(count)):
+        conn.execute("INSERT INTO t (x) VALUES (?)", (i,))
+    conn.execute("BEGIN")
+    conn.execute("UPDATE t SET x = x * 10 WHERE x >= ?", (int(first),))
+    conn.execute("COMMIT")
+    other = sqlite3.connect(primary_db, isolation_level=None, timeout=0.2)
+    try:
+        other.execute("INSERT INTO t (x) VALUES (-1)")
+        report.append("primary-writable")
+    except sqlite3.OperationalError as exc:
+        report.append("primary-paused:" + str(exc))
+    report.append("rows:" + str(conn.execute("SELECT count(*) FROM t").fetchone()[0]))
+    open(out, "w").write("\\n".join(report))
+    """
+)
+
+
+def litefspy(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "litefspy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _cluster(node_factory, mode: str) -> tuple[NodeProcess, NodeProcess, NodeProcess]:
+    primary: NodeProcess = node_factory("primary").start()
+    replicas = [replica_of(node_factory, primary, f"replica{i}").start() for i in (1, 2)]
+    conn = connect(primary.db("app.db"), mode)
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    conn.execute("INSERT INTO t (x) VALUES (0)")
+    conn.close()
+    wait_same_pos(primary, replicas, "app.db")
+    return primary, replicas[0], replicas[1]
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_replica_writes_under_halt_lock_replicate_everywhere(
+    node_factory, tmp_path: Path, mode: str
+) -> None:
+    primary, replica, other = _cluster(node_factory, mode)
+    before = primary.pos("app.db")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    out = tmp_path / "out.txt"
+    res = litefspy(
+        "run",
+        "--url",
+        replica.url,
+        "--with-halt-lock-on",
+        "app.db",
+        "--",
+        sys.executable,
+        str(script),
+        str(replica.db("app.db")),
+        str(primary.db("app.db")),
+        "1",
+        "20",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr + replica.log() + primary.log()
+    assert "halt lock on app.db held" in res.stderr
+    report = out.read_text().splitlines()
+    assert report[0].startswith("primary-paused:") and "locked" in report[0], report
+    assert report[1] == "rows:21"
+
+    # 20 inserts + 1 update: 21 new TXIDs, made by the primary, on every node.
+    pos = wait_same_pos(primary, [replica, other], "app.db")
+    assert pos[0] == before[0] + 21
+    expected = [0] + [10 * i for i in range(1, 21)]
+    for node in (primary, replica, other):
+        assert values(node, "app.db") == expected, node.name
+        assert integrity(node, "app.db") == "ok"
+    names = [p.name for p in primary.ltx_files("app.db")]
+    assert len(names) == pos[0] and names[-1].startswith(f"{pos[0]:016x}")
+
+    # The halt is over: the primary writes again, the replica is read-only again.
+    assert try_insert(primary.db("app.db"), 1000, busy_ms=5000)
+    wait_same_pos(primary, [replica, other], "app.db")
+    with pytest.raises(sqlite3.OperationalError):
+        conn = connect(replica.db("app.db"))
+        try:
+            conn.execute("INSERT INTO t (x) VALUES (5)")
+        finally:
+            conn.close()
+    assert dump(replica, "app.db") == dump(primary, "app.db") == dump(other, "app.db")
+
+
+def test_halt_lock_on_the_primary_runs_the_command_as_is(node_factory, tmp_path: Path) -> None:
+    primary: NodeProcess = node_factory("primary").start()
+    conn = connect(primary.db("app.db"))
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    conn.close()
+    sql = "INSERT INTO t (x) VALUES (7);"
+    res = litefspy(
+        "run",
+        "--url",
+        primary.url,
+        "--with-halt-lock-on",
+        "app.db",
+        "--",
+        "sqlite3",
+        str(primary.db("app.db")),
+        sql,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "is the primary" in res.stderr
+    assert values(primary, "app.db") == [7]
+
+
+def test_halt_lock_refusals(node_factory) -> None:
+    primary: NodeProcess = node_factory("primary").start()
+    replica: NodeProcess = replica_of(node_factory, primary).start()
+    conn = connect(primary.db("app.db"))
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    conn.close()
+    wait_same_pos(primary, [replica], "app.db")
+    cases = [
+        ("nope.db", "database nope.db does not exist on the primary"),
+        ("bad/name", "invalid database name"),
+    ]
+    for name, message in cases:
+        res = litefspy("run", "--url", replica.url, "--with-halt-lock-on", name, "--", "true")
+        assert res.returncode == 1, res
+        assert message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    res = litefspy("run", "--url", replica.url, "--with-halt-lock-on", "app.db")
+    assert res.returncode == 2 and "needs -- CMD" in res.stderr
+    # Nothing was left locked: the primary writes at once.
+    assert try_insert(primary.db("app.db"), 1, busy_ms=100)
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sqlite3, sys, time
+    replica_db, ready = sys.argv[1:3]
+    conn = sqlite3.connect(replica_db, isolation_level=None, timeout=10)
+    conn.execute("INSERT INTO t (x) VALUES (1)")
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO t (x) VALUES (2)")
+    open(ready, "w").write("in transaction")
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_crashed_halt_holder_leaves_the_cluster_consistent(
+    node_factory, tmp_path: Path, mode: str
+) -> None:
+    primary, replica, other = _cluster(node_factory, mode)
+    cli, _ = _start_holder(replica, tmp_path)
+    try:
+        # The committed row is everywhere already; the primary's writers wait.
+        assert values(primary, "app.db") == [0, 1]
+        assert not try_insert(primary.db("app.db"), 99, busy_ms=200)
+    finally:
+        # The CLI and its command die without a word (kill -9 of the group).
+        _kill_group(cli)
+    # The primary takes writes again (the lock went with the CLI's call) ...
+    assert try_insert(primary.db("app.db"), 3, busy_ms=15000)
+    # ... and every node has the same committed state: the open transaction is nowhere.
+    wait_same_pos(primary, [replica, other], "app.db")
+    for node in (primary, replica, other):
+        assert values(node, "app.db") == [0, 1, 3], node.name
+        assert integrity(node, "app.db") == "ok"
+    assert not replica.db("app.db-journal").exists() or mode != "delete"
+
+
+COMMIT_LATER = textwrap.dedent(
+    """
+    import os, sqlite3, sys, time
+    replica_db, ready, go, out = sys.argv[1:5]
+    conn = sqlite3.connect(replica_db, isolation_level=None, timeout=1)
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO t (x) VALUES (2)")
+    open(ready, "w").write("in transaction")
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    try:
+        conn.execute("COMMIT")
+        result = "committed"
+    except sqlite3.Error as exc:
+        result = "failed: " + str(exc)
+    open(out, "w").write(result)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_commit_fails_cleanly_when_the_primary_goes_away(
+    node_factory, tmp_path: Path, mode: str
+) -> None:
+    primary, replica, other = _cluster(node_factory, mode)
+    before = primary.pos("app.db")
+    script = tmp_path / "later.py"
+    script.write_text(COMMIT_LATER)
+    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "litefspy",
+            "run",
+            "--url",
+            replica.url,
+            "--with-halt-lock-on",
+            "app.db",
+            "--",
+            sys.executable,
+            str(script),
+            str(replica.db("app.db")),
+            str(ready),
+            str(go),
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(ready.exists, 30, what="the command's open transaction")
+        primary.kill()
+        go.write_text("go")
+        _, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert out.read_text().startswith("failed:"), (out.read_text(), err)
+    assert "lost" in err or "not accepted" in err, err
+    # Nothing of the transaction stayed on the replica ...
+    assert replica.pos("app.db") == before
+    assert values(replica, "app.db") == [0]
+    assert integrity(replica, "app.db") == "ok"
+    # ... and with the primary back, everything goes on from the same state.
+    primary.start()
+    assert try_insert(primary.db("app.db"), 5, busy_ms=5000)
+    wait_same_pos(primary, [replica, other], "app.db")
+    for node in (primary, replica, other):
+        assert values(node, "app.db") == [0, 5], node.name
+
+
+def _start_holder(replica: NodeProcess, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """`litefspy run --with-halt-lock-on` a command that commits a row and then sits in a
+    transaction; returns once the transaction is open."""
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    ready = tmp_path / "ready"
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "litefspy",
+            "run",
+            "--url",
+            replica.url,
+            "--with-halt-lock-on",
+            "app.db",
+            "--",
+            sys.executable,
+            str(script),
+            str(replica.db("app.db")),
+            str(ready),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for(ready.exists, 30, what="the holder's open transaction")
+    return cli, ready
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_replica_node_killed_while_holding_the_halt_lock(
+    node_factory, tmp_path: Path, mode: str
+) -> None:
+    primary, replica, other = _cluster(node_factory, mode)
+    cli, _ = _start_holder(replica, tmp_path)
+    try:
+        replica.kill()  # the node dies mid-transaction of the halt holder
+    finally:
+        _kill_group(cli)
+    # Its connection to the primary died with it: the primary's writers go on.
+    assert try_insert(primary.db("app.db"), 3, busy_ms=15000)
+    # The replica recovers its files (the open transaction is rolled back or set
+    # aside, the forwarded commit stays) and catches up.
+    replica.start()
+    wait_same_pos(primary, [replica, other], "app.db")
+    for node in (primary, replica, other):
+        assert values(node, "app.db") == [0, 1, 3], node.name
+        assert integrity(node, "app.db") == "ok"
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_halt_lock_of_a_frozen_replica_expires(node_factory, tmp_path: Path, mode: str) -> None:
+    primary, replica, other = _cluster(node_factory, mode)
+    cli, _ = _start_holder(replica, tmp_path)
+    assert replica.proc is not None
+    try:
+        replica.proc.send_signal(signal.SIGSTOP)
+        # No renewal arrives: after the TTL the primary lets its writers go on.
+        assert try_insert(primary.db("app.db"), 3, busy_ms=30000)
+        assert "halt lock expired" in primary.log_path.read_text()
+    finally:
+        replica.proc.send_signal(signal.SIGCONT)
+        _kill_group(cli)
+    # The thawed replica learns it lost the lock, drops the open transaction and
+    # applies the primary's newer commit on top of the forwarded one.
+    wait_same_pos(primary, [replica, other], "app.db")
+    for node in (primary, replica, other):
+        assert values(node, "app.db") == [0, 1, 3], node.name
+        assert integrity(node, "app.db") == "ok"
+    assert not try_insert(replica.db("app.db"), 4)
