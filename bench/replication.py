@@ -4,6 +4,11 @@ W5, lag: a single-row INSERT commits on the primary; the time until a fresh
 connection on the replica sees the row (polled in a tight loop), in DELETE and
 WAL mode. p50 / p99 / max in milliseconds.
 
+Write forwarding: single-row INSERTs by a command on the replica under
+`litefspy run --with-halt-lock-on` (each commit applied by the primary before
+it returns), against the same INSERTs on the primary's mount. p50 ms per
+commit and the ratio forwarded / on the primary.
+
 W6, fresh replica: a primary holds a large database (default 256 MiB;
 `LITEFSPY_BENCH_REPL_MB` or `python -m bench.replication --size-mb N / --gib`
 changes it) with a history longer than the replica could replay, so the
@@ -30,6 +35,18 @@ from typing import Any
 
 MIB = 1 << 20
 W5_COMMITS = 300
+FORWARD_COMMITS = 200
+# Runs under the halt lock: times single-row commits on the database given.
+_TIMED_INSERTS = """
+import sqlite3, statistics, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+times = []
+for i in range(int(sys.argv[2])):
+    t0 = time.perf_counter()
+    conn.execute("INSERT INTO t (v) VALUES ('x')")
+    times.append((time.perf_counter() - t0) * 1000)
+print(statistics.median(times))
+"""
 
 
 def _free_port() -> int:
@@ -135,6 +152,58 @@ def _lag(primary: Node, replica: Node, mode: str) -> list[float]:
     return lags
 
 
+def _commit_p50(path: Path) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _TIMED_INSERTS, str(path), str(FORWARD_COMMITS)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout)
+
+
+def _forwarding(primary: Node, replica: Node, mode: str) -> dict[str, Any]:
+    name = f"fwd-{mode}.db"
+    conn = sqlite3.connect(primary.mnt / name, isolation_level=None, timeout=30)
+    conn.execute(f"PRAGMA journal_mode={mode}")
+    conn.execute("CREATE TABLE t (i INTEGER PRIMARY KEY, v TEXT)")
+    conn.close()
+    _wait_pos(replica, primary, name)
+    direct = _commit_p50(primary.mnt / name)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "litefspy",
+            "run",
+            "--url",
+            replica.url,
+            "--with-halt-lock-on",
+            name,
+            "--",
+            sys.executable,
+            "-c",
+            _TIMED_INSERTS,
+            str(replica.mnt / name),
+            str(FORWARD_COMMITS),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    forwarded = float(out.stdout)
+    _wait_pos(replica, primary, name)
+    return {
+        "workload": f"Write forwarding (halt lock), {mode.upper()}",
+        "figure": "p50 per commit",
+        "value": round(forwarded, 2),
+        "unit": "ms",
+        "on_primary_ms": round(direct, 2),
+        "ratio_to_primary": round(forwarded / direct, 2),
+        "commits": FORWARD_COMMITS,
+    }
+
+
 def build_database(path: Path, size: int) -> None:
     """Rows of text and partly random blobs (LZ4 sees a realistic mix) up to `size` bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +222,7 @@ def build_database(path: Path, size: int) -> None:
 
 
 def run(size_mb: int | None = None) -> list[dict[str, Any]]:
-    """Measure W5 and W6; return result rows."""
+    """Measure W5, write forwarding and W6; return result rows."""
     size_mb = size_mb or int(os.environ.get("LITEFSPY_BENCH_REPL_MB", "256"))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="litefspy-bench-repl-") as tmp:
@@ -180,6 +249,8 @@ def run(size_mb: int | None = None) -> list[dict[str, Any]]:
                         "commits": len(lags),
                     }
                 )
+            for mode in ("delete", "wal"):
+                rows.append(_forwarding(primary, replica, mode))
             _wait_pos(replica, primary, "big.db")
             # History longer than a fresh replica replays: it gets a snapshot built on the fly.
             conn = sqlite3.connect(primary.mnt / "big.db", isolation_level=None, timeout=30)
