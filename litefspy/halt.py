@@ -40,13 +40,13 @@ from litefspy.dataservice import CHUNK_SIZE, next_or_none, receive_file
 from litefspy.errors import DatabaseError, ForwardError, LTXError, ReplicationError
 from litefspy.logs import kv
 from litefspy.replication.bridge import (
+    Client,
     Code,
     GRPCServer,
     MessageStream,
     RemoteError,
     RPCRefused,
     acall_unary,
-    call_client_stream,
     open_server_stream,
 )
 from litefspy.store.store import Halt, valid_database_name
@@ -73,16 +73,19 @@ DEFAULT_WAIT = 10.0
 CATCH_UP_TIMEOUT = 30.0
 # One forwarded commit, end to end (the replica's FUSE loop waits meanwhile).
 COMMIT_TIMEOUT = 15.0
+# Forwarded transactions up to this size are received in memory, larger ones
+# are spooled to a file.
+INLINE_COMMIT_BYTES = 8 << 20
 
 
 class Forwarder:
     """Sends one captured transaction to the primary (runs inside a FUSE request)."""
 
     def __init__(self, url: str, name: str, halt_id: str, primary: str) -> None:
-        self.url = url
         self.name = name
         self.halt_id = halt_id
         self.primary = primary
+        self.client = Client(url)
 
     def _requests(self, path: Path, size: int) -> Iterator[pb.CommitRequest]:
         yield pb.CommitRequest(
@@ -95,8 +98,7 @@ class Forwarder:
     def __call__(self, path: Path, txid: int, checksum: int) -> None:
         size = path.stat().st_size
         try:
-            reply = call_client_stream(
-                self.url,
+            reply = self.client.client_stream(
                 COMMIT_METHOD,
                 self._requests(path, size),
                 request_type=pb.CommitRequest,
@@ -210,23 +212,41 @@ class HaltService:
         self._check_name(name)
         halt = self._halt(name, first.start.halt_id)
         store = self.node.store
-        tmp = store.incoming_path(name)
+        if size > INLINE_COMMIT_BYTES:
+            # Large transaction: spooled to a file instead of held in memory.
+            tmp = store.incoming_path(name)
+            try:
+                received = await receive_file(requests, tmp, what="a commit")
+            except BaseException:
+                await trio.to_thread.run_sync(_unlink, tmp)
+                raise
+            upload: bytes | Path = tmp
+        else:
+            chunks = []
+            received = 0
+            async for request in requests:
+                if request.WhichOneof("part") != "data":
+                    raise RPCRefused(
+                        Code.INVALID_ARGUMENT, "a commit has exactly one start message"
+                    )
+                received += len(request.data)
+                if received > size:
+                    break
+                chunks.append(request.data)
+            upload = b"".join(chunks)
         try:
-            received = await receive_file(requests, tmp, what="a commit")
             if received != size:
                 raise RPCRefused(
                     Code.INVALID_ARGUMENT,
                     f"commit to {name}: the upload ended after {received} of {size} bytes",
                 )
-            try:
-                pos = await store.apply_forwarded(halt, tmp)
-            except (DatabaseError, LTXError) as exc:
-                raise RPCRefused(
-                    Code.FAILED_PRECONDITION, f"commit to {name} refused: {exc}"
-                ) from None
+            pos = await store.apply_forwarded(halt, upload)
+        except (DatabaseError, LTXError) as exc:
+            raise RPCRefused(Code.FAILED_PRECONDITION, f"commit to {name} refused: {exc}") from None
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_unlink, tmp)
+            if isinstance(upload, Path):
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_unlink, upload)
         del peer
         return pb.CommitReply(txid=pos.txid, checksum=pos.checksum)
 
@@ -275,7 +295,8 @@ class HaltService:
                 raise RPCRefused(Code.INTERNAL, f"{primary} answered the halt lock out of order")
             got = first.acquired
             await self._catch_up(name, got.txid, got.checksum, primary)
-            store.begin_forwarding(name, Forwarder(url, name, got.halt_id, primary))
+            forwarder = Forwarder(url, name, got.halt_id, primary)
+            store.begin_forwarding(name, forwarder)
             log.info(
                 "halt lock held; writes forwarded to the primary %s",
                 kv(db=name, primary=primary, txid=f"{got.txid:016x}", peer=peer),
@@ -294,6 +315,7 @@ class HaltService:
                 await send.send(pb.HoldEvent(lost=pb.HoldLost(reason=failure)))
             finally:
                 await store.end_forwarding(name)
+                forwarder.client.close()
                 log.info("halt lock ended %s", kv(db=name, primary=primary))
 
     async def _catch_up(self, name: str, txid: int, checksum: int, primary: str) -> None:

@@ -349,3 +349,81 @@ def test_halt_lock_of_a_frozen_replica_expires(node_factory, tmp_path: Path, mod
         assert values(node, "app.db") == [0, 1, 3], node.name
         assert integrity(node, "app.db") == "ok"
     assert not try_insert(replica.db("app.db"), 4)
+
+
+def test_large_forwarded_transaction(node_factory, tmp_path: Path) -> None:
+    """A transaction bigger than the in-memory limit is spooled on the primary."""
+    primary, replica, other = _cluster(node_factory, "wal")
+    sql = "INSERT INTO t (x) SELECT length(b) FROM big;"
+    blob = "CREATE TABLE big (b); INSERT INTO big VALUES (randomblob(12000000));"
+    res = litefspy(
+        "run",
+        "--url",
+        replica.url,
+        "--with-halt-lock-on",
+        "app.db",
+        "--",
+        "sqlite3",
+        str(replica.db("app.db")),
+        blob + sql,
+    )
+    assert res.returncode == 0, res.stderr + primary.log()
+    wait_same_pos(primary, [replica, other], "app.db")
+    assert max(p.stat().st_size for p in primary.ltx_files("app.db")) > 8 << 20
+    for node in (primary, replica, other):
+        assert values(node, "app.db") == [0, 12000000], node.name
+        assert integrity(node, "app.db") == "ok"
+
+
+def test_commit_rpc_refuses_bad_input_and_changes_nothing(node_factory) -> None:
+    """Garbage, corrupt, truncated or out-of-place LTX uploads to Halt.Commit."""
+    from litefspy.halt import COMMIT_METHOD, LOCK_METHOD
+    from litefspy.replication.bridge import CallHandle, RemoteError, call_client_stream
+    from litefspy.v1 import halt_pb2 as pb
+
+    primary: NodeProcess = node_factory("primary").start()
+    conn = connect(primary.db("app.db"))
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.close()
+    before = primary.pos("app.db")
+    own = primary.ltx_files("app.db")[-1].read_bytes()  # valid, but does not continue
+    corrupt = bytearray(own)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+
+    lock = CallHandle(
+        primary.url, LOCK_METHOD, pb.LockRequest(name="app.db", holder="t"), pb.LockEvent
+    )
+    events = iter(lock)
+    try:
+        halt_id = next(events).acquired.halt_id
+
+        def commit(data: bytes, *, size: int | None = None, halt: str = halt_id) -> str:
+            start = pb.CommitStart(
+                name="app.db", halt_id=halt, size=len(data) if size is None else size
+            )
+            requests = [pb.CommitRequest(start=start), pb.CommitRequest(data=data)]
+            with pytest.raises(RemoteError) as info:
+                call_client_stream(
+                    primary.url,
+                    COMMIT_METHOD,
+                    iter(requests),
+                    request_type=pb.CommitRequest,
+                    response_type=pb.CommitReply,
+                    timeout=30,
+                )
+            return str(info.value)
+
+        assert "does not continue" in commit(own)
+        assert "refused" in commit(bytes(corrupt))
+        assert "refused" in commit(b"not an LTX file at all" * 10)
+        assert "ended after" in commit(own, size=len(own) + 100)
+        assert "no halt lock" in commit(own, halt="0123456789abcdef")
+        # The primary's writers are still paused, its state unchanged.
+        assert not try_insert(primary.db("app.db"), 2, busy_ms=100)
+        assert primary.pos("app.db") == before
+    finally:
+        lock.cancel()
+    assert try_insert(primary.db("app.db"), 2, busy_ms=5000)
+    assert values(primary, "app.db") == [1, 2]
+    assert integrity(primary, "app.db") == "ok"

@@ -602,49 +602,54 @@ class Store:
         halt.ended.set()
         log.info("halt lock released %s", kv(db=halt.name, holder=halt.holder))
 
-    async def apply_forwarded(self, halt: Halt, path: Path) -> Position:
-        """Primary: apply a transaction a halt holder committed, as the next TXID.
+    async def apply_forwarded(self, halt: Halt, data: bytes | Path) -> Position:
+        """Primary: apply a transaction a halt holder committed (an LTX file), as the next TXID.
+
+        `data`: the file's bytes, or a file under `tmp_dir` (large transactions),
+        which is consumed either way.
 
         Under the halt (writers paused) readers are locked out too while the
         pages are written, the database's own WAL is folded in first, and the
-        file is kept as this node's LTX file, so replicas receive it like any
-        other commit (the sender recognises its own transaction).
+        file is kept, durably and byte for byte, as this node's LTX file, so
+        replicas receive it like any other commit (the sender recognises its own
+        transaction). All of it in one worker thread: a forwarded commit waits
+        for this, and each trio/thread hop costs more than the work.
         """
         async with halt.lock:
             if not halt.active or self.halts.get(halt.name) is not halt or not self.writable:
                 raise DatabaseError(f"the halt lock on {halt.name} is no longer held")
             name = halt.name
-            header, trailer = await trio.to_thread.run_sync(verify_file, path)
             db = self._require(name)
-            if (
-                header.is_snapshot
-                or header.min_txid != db.pos.txid + 1
-                or (header.pre_apply_checksum != db.pos.checksum)
-            ):
-                raise DatabaseError(
-                    f"forwarded transaction {header.min_txid:016x}-{header.max_txid:016x} "
-                    f"does not continue {name} at {db.pos} on the primary"
-                )
-            if db.checksums is None or db.checksums.page_size != header.page_size:
-                raise DatabaseError(f"forwarded transaction changes the page size of {name}")
-            final = db.ltx_path(header.min_txid, header.max_txid)
-            current = db.checksums.copy()
-            wal = db.is_wal_mode()
             locks = self._locks
             assert locks is not None
+            path = data if isinstance(data, Path) else self.incoming_path(name)
 
-            def apply_in_thread() -> PageChecksums:
-                extra = locks.exclude_readers(name, wal)
+            def apply_in_thread() -> tuple[Header, Trailer, Path, PageChecksums]:
                 try:
-                    db.settle(verify=False)
-                    self._install_ltx(db, header, path, final, False)
-                    after = self._write_applied(db, final, header, trailer, current)
-                    self._after_apply(name, wal)
-                    return after
+                    with open(path, "r+b" if isinstance(data, Path) else "wb") as f:
+                        if isinstance(data, bytes):
+                            f.write(data)
+                            f.flush()
+                        os.fsync(f.fileno())
+                    header, trailer = verify_file(path)
+                    self._check_forwarded(db, header)
+                    assert db.checksums is not None
+                    current = db.checksums.copy()
+                    final = db.ltx_path(header.min_txid, header.max_txid)
+                    wal = db.is_wal_mode()
+                    extra = locks.exclude_readers(name, wal)
+                    try:
+                        db.settle(verify=False)
+                        self._install_ltx(db, header, path, final, False)
+                        after = self._write_applied(db, final, header, trailer, current)
+                        self._after_apply(name, wal)
+                    finally:
+                        extra.release()
+                    return header, trailer, final, after
                 finally:
-                    extra.release()
+                    path.unlink(missing_ok=True)
 
-            after = await trio.to_thread.run_sync(apply_in_thread)
+            header, trailer, final, after = await trio.to_thread.run_sync(apply_in_thread)
             pos = Position(header.max_txid, trailer.post_apply_checksum)
             db.applied(pos, after if header.commit else None)
             halt.renew()
@@ -659,6 +664,20 @@ class Store:
         )
         self._notify(CommitInfo(name, pos.txid, final, final.stat().st_size, header.timestamp))
         return pos
+
+    @staticmethod
+    def _check_forwarded(db: Database, header: Header) -> None:
+        if (
+            header.is_snapshot
+            or header.min_txid != db.pos.txid + 1
+            or (header.pre_apply_checksum != db.pos.checksum)
+        ):
+            raise DatabaseError(
+                f"forwarded transaction {header.min_txid:016x}-{header.max_txid:016x} "
+                f"does not continue {db.name} at {db.pos} on the primary"
+            )
+        if db.checksums is None or db.checksums.page_size != header.page_size:
+            raise DatabaseError(f"forwarded transaction changes the page size of {db.name}")
 
     def begin_forwarding(self, name: str, forward: Forwarder) -> None:
         """Replica: accept writes to `name`, each commit applied by the primary first."""
