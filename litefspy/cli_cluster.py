@@ -230,7 +230,8 @@ def render_status(status: dict[str, Any]) -> str:
                 d["name"],
                 d["txid"],
                 d["checksum"],
-                d["journal_mode"] if d.get("exists", True) else "(deleted)",
+                (d["journal_mode"] if d.get("exists", True) else "(deleted)")
+                + (f", halt lock: {d['halt_holder']}" if d.get("halt_holder") else ""),
                 str(d["size_bytes"]),
                 str(d["lag_ms"]),
             ]

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import connect, dump, integrity, replica_of, try_insert, values, wait_same_pos
+from tests.cluster import (
+    connect,
+    dump,
+    integrity,
+    replica_of,
+    status,
+    try_insert,
+    values,
+    wait_same_pos,
+)
 from tests.nodes import NodeProcess, wait_for
 from tests.test_services_harness import needs_wired_node
 
@@ -184,6 +193,12 @@ def test_crashed_halt_holder_leaves_the_cluster_consistent(
         # The committed row is everywhere already; the primary's writers wait.
         assert values(primary, "app.db") == [0, 1]
         assert not try_insert(primary.db("app.db"), 99, busy_ms=200)
+        # `litefspy status` names the holder on both sides.
+        for node in (primary, replica):
+            (db,) = status(node)["databases"]
+            assert db["halt_holder"] == "replica1", node.name
+        res = litefspy("status", "--url", primary.url)
+        assert "halt lock: replica1" in res.stdout
     finally:
         # The CLI and its command die without a word (kill -9 of the group).
         _kill_group(cli)
@@ -194,6 +209,7 @@ def test_crashed_halt_holder_leaves_the_cluster_consistent(
     for node in (primary, replica, other):
         assert values(node, "app.db") == [0, 1, 3], node.name
         assert integrity(node, "app.db") == "ok"
+        assert status(node)["databases"][0]["halt_holder"] is None
     assert not replica.db("app.db-journal").exists() or mode != "delete"
 
 

@@ -118,6 +118,13 @@ class StatusService:
         self.node = node
         self.snapshot = snapshot
 
+    def _halt_holder(self, name: str) -> str | None:
+        halt = self.store.halts.get(name)
+        if halt is not None:
+            return halt.holder
+        db = self.store.get_if_online(name)
+        return self.node.hostname if db is not None and db.forward is not None else None
+
     async def reply(self) -> pb.StatusReply:
         """The current status (runs on the trio loop; file reads in a thread)."""
         snap = self.snapshot()
@@ -143,17 +150,19 @@ class StatusService:
         client = None if server is not None else snap.client
         lag = client.lag_ms() if client is not None else 0
         for f, mode, size in described:
-            reply.databases.append(
-                pb.DatabaseStatus(
-                    name=f.name,
-                    txid=f.txid,
-                    checksum=f.checksum,
-                    journal_mode=mode,
-                    size_bytes=size,
-                    lag_ms=lag,
-                    exists=f.exists,
-                )
+            status = pb.DatabaseStatus(
+                name=f.name,
+                txid=f.txid,
+                checksum=f.checksum,
+                journal_mode=mode,
+                size_bytes=size,
+                lag_ms=lag,
+                exists=f.exists,
             )
+            holder = self._halt_holder(f.name)
+            if holder is not None:
+                status.halt_holder = holder
+            reply.databases.append(status)
         if server is not None:
             reply.primary.CopyFrom(me)
             for s in list(server.sessions):
@@ -247,6 +256,7 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
                 "size_bytes": d.size_bytes,
                 "lag_ms": d.lag_ms,
                 "exists": d.exists,
+                "halt_holder": d.halt_holder if d.HasField("halt_holder") else None,
             }
             for d in reply.databases
         ],

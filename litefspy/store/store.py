@@ -256,6 +256,10 @@ class Store:
         db = self._dbs.get(name)
         return self.writable or (db is not None and db.writable)
 
+    def get_if_online(self, name: str) -> Database | None:
+        """The database if it is known and online (never raises)."""
+        return self._dbs.get(name)
+
     def get(self, name: str) -> Database | None:
         """The database, or None if unknown. Offline databases raise NotFoundError."""
         if name in self.failed:
@@ -593,6 +597,8 @@ class Store:
 
     async def end_halt(self, halt: Halt) -> None:
         """Primary: let the writers go on (waits for a forwarded commit in flight)."""
+        if halt.ended.is_set():
+            return
         halt.active = False
         if self.halts.get(halt.name) is halt:
             del self.halts[halt.name]

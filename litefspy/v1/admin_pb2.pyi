@@ -114,6 +114,7 @@ class DatabaseStatus(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     LAG_MS_FIELD_NUMBER: _builtins.int
     EXISTS_FIELD_NUMBER: _builtins.int
+    HALT_HOLDER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     txid: _builtins.int
     checksum: _builtins.int
@@ -123,6 +124,11 @@ class DatabaseStatus(_message.Message):
     lag_ms: _builtins.int
     exists: _builtins.bool
     """False once the database was deleted (its last LTX has commit 0)."""
+    halt_holder: _builtins.str
+    """Hostname of the node holding the database's halt lock (write forwarding,
+    `litefspy run --with-halt-lock-on`): on the primary the replica it paused
+    its writers for, on that replica its own; unset when none.
+    """
     def __init__(
         self,
         *,
@@ -133,12 +139,15 @@ class DatabaseStatus(_message.Message):
         size_bytes: _builtins.int = ...,
         lag_ms: _builtins.int = ...,
         exists: _builtins.bool = ...,
+        halt_holder: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_halt_holder", b"_halt_holder", "halt_holder", b"halt_holder"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "exists", b"exists", "journal_mode", b"journal_mode", "lag_ms", b"lag_ms", "name", b"name", "size_bytes", b"size_bytes", "txid", b"txid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_halt_holder", b"_halt_holder", "checksum", b"checksum", "exists", b"exists", "halt_holder", b"halt_holder", "journal_mode", b"journal_mode", "lag_ms", b"lag_ms", "name", b"name", "size_bytes", b"size_bytes", "txid", b"txid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__halt_holder: _TypeAlias = _typing.Literal["halt_holder"]  # noqa: Y015
+    _WhichOneofArgType__halt_holder: _TypeAlias = _typing.Literal["_halt_holder", b"_halt_holder"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__halt_holder) -> _WhichOneofReturnType__halt_holder | None: ...
 
 Global___DatabaseStatus: _TypeAlias = DatabaseStatus  # noqa: Y015
 
