@@ -74,6 +74,7 @@ def main() -> int:
         for name, proc in procs.items():
             _wait_mounted(proc, mounts[name], logs[name])
         url = primary_cfg.grpc.client_address
+        replica_url = load_config(replica_yml).grpc.client_address
         print(
             "\nlitefspy is running (Ctrl-C stops both nodes):\n"
             f"  primary  (read-write): {mounts['primary']}\n"
@@ -83,7 +84,10 @@ def main() -> int:
             f"  sqlite3 {mounts['primary']}/app.db 'CREATE TABLE t(x); INSERT INTO t VALUES (1)'\n"
             f"  sqlite3 {mounts['replica']}/app.db 'SELECT * FROM t'\n"
             f"  cat {mounts['primary']}/app.db-pos\n"
-            f"  .venv/bin/litefspy status --url http://{url}\n",
+            f"  .venv/bin/litefspy status --url http://{url}\n\n"
+            "Write from the replica (forwarded to the primary):\n"
+            f"  .venv/bin/litefspy run --url http://{replica_url} --with-halt-lock-on app.db -- "
+            f"sqlite3 {mounts['replica']}/app.db 'INSERT INTO t VALUES (2)'\n",
             flush=True,
         )
         while all(p.poll() is None for p in procs.values()):
