@@ -53,6 +53,28 @@ WRITER = textwrap.dedent(
 )
 
 
+def _halted(replica: NodeProcess, *command: str) -> list[str]:
+    """`litefspy run --with-halt-lock-on app.db -- COMMAND` through `replica`."""
+    return [
+        sys.executable,
+        "-m",
+        "litefspy",
+        "run",
+        "--url",
+        replica.url,
+        "--with-halt-lock-on",
+        "app.db",
+        "--",
+        *command,
+    ]
+
+
+def run_halted(replica: NodeProcess, *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _halted(replica, *command), capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 def litefspy(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "litefspy", *args],
@@ -83,13 +105,8 @@ def test_replica_writes_under_halt_lock_replicate_everywhere(
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     out = tmp_path / "out.txt"
-    res = litefspy(
-        "run",
-        "--url",
-        replica.url,
-        "--with-halt-lock-on",
-        "app.db",
-        "--",
+    res = run_halted(
+        replica,
         sys.executable,
         str(script),
         str(replica.db("app.db")),
@@ -243,23 +260,15 @@ def test_commit_fails_cleanly_when_the_primary_goes_away(
     script.write_text(COMMIT_LATER)
     ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
     cli = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "litefspy",
-            "run",
-            "--url",
-            replica.url,
-            "--with-halt-lock-on",
-            "app.db",
-            "--",
+        _halted(
+            replica,
             sys.executable,
             str(script),
             str(replica.db("app.db")),
             str(ready),
             str(go),
             str(out),
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -293,21 +302,13 @@ def _start_holder(replica: NodeProcess, tmp_path: Path) -> tuple[subprocess.Pope
     script.write_text(HOLDER)
     ready = tmp_path / "ready"
     cli = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "litefspy",
-            "run",
-            "--url",
-            replica.url,
-            "--with-halt-lock-on",
-            "app.db",
-            "--",
+        _halted(
+            replica,
             sys.executable,
             str(script),
             str(replica.db("app.db")),
             str(ready),
-        ],
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -372,13 +373,8 @@ def test_large_forwarded_transaction(node_factory, tmp_path: Path) -> None:
     primary, replica, other = _cluster(node_factory, "wal")
     sql = "INSERT INTO t (x) SELECT length(b) FROM big;"
     blob = "CREATE TABLE big (b); INSERT INTO big VALUES (randomblob(12000000));"
-    res = litefspy(
-        "run",
-        "--url",
-        replica.url,
-        "--with-halt-lock-on",
-        "app.db",
-        "--",
+    res = run_halted(
+        replica,
         "sqlite3",
         str(replica.db("app.db")),
         blob + sql,
@@ -443,3 +439,45 @@ def test_commit_rpc_refuses_bad_input_and_changes_nothing(node_factory) -> None:
     assert try_insert(primary.db("app.db"), 2, busy_ms=5000)
     assert values(primary, "app.db") == [1, 2]
     assert integrity(primary, "app.db") == "ok"
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_unanswered_forwarded_commit_fails_and_the_cluster_converges(
+    node_factory, tmp_path: Path, mode: str
+) -> None:
+    """The primary freezes while it has a forwarded commit: the commit times out on the
+    replica (rolled back there), and whatever the primary did with it once it thaws,
+    every node ends with the same state."""
+    primary, replica, other = _cluster(node_factory, mode)
+    script = tmp_path / "later.py"
+    script.write_text(COMMIT_LATER)
+    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
+    cli = subprocess.Popen(
+        _halted(
+            replica,
+            sys.executable,
+            str(script),
+            str(replica.db("app.db")),
+            *map(str, (ready, go, out)),
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert primary.proc is not None
+    try:
+        wait_for(ready.exists, 30, what="the command's open transaction")
+        primary.proc.send_signal(signal.SIGSTOP)
+        go.write_text("go")
+        wait_for(out.exists, 60, what="the command's commit to end")
+    finally:
+        primary.proc.send_signal(signal.SIGCONT)
+        cli.wait(60)
+    assert out.read_text().startswith("failed:"), out.read_text()
+    assert "not accepted" in replica.log_path.read_text()
+    assert try_insert(primary.db("app.db"), 5, busy_ms=20000)
+    wait_same_pos(primary, [replica, other], "app.db")
+    final = values(primary, "app.db")
+    assert final in ([0, 5], [0, 2, 5])
+    for node in (replica, other):
+        assert values(node, "app.db") == final, node.name
+        assert integrity(node, "app.db") == "ok"

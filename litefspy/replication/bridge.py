@@ -713,17 +713,18 @@ def call_client_stream(
     response_type: Any,
     timeout: float,
 ) -> Any:
-    """Blocking client-streaming call: sends every request, returns the one response."""
-    return _invoke(
-        url,
-        lambda channel: channel.stream_unary(
+    """Blocking client-streaming call on a fresh channel (see Client.client_stream)."""
+    client = Client(url)
+    try:
+        return client.client_stream(
             method,
-            request_serializer=request_type.SerializeToString,
-            response_deserializer=response_type.FromString,
-        ),
-        requests,
-        timeout,
-    )
+            requests,
+            request_type=request_type,
+            response_type=response_type,
+            timeout=timeout,
+        )
+    finally:
+        client.close()
 
 
 def call_server_stream(

@@ -93,6 +93,12 @@ class HeldLocks:
             self.ranges.append((fd, start, length))
 
 
+def _exclude_shared(held: HeldLocks, fd: int, deadline: float) -> None:
+    """PENDING (no new SHARED), then the whole SHARED range: no rollback-mode reader."""
+    held.lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1, deadline)
+    held.lock(fd, fcntl.F_WRLCK, SHARED_FIRST, SHARED_SIZE, deadline)
+
+
 class MountLocks:
     """Takes SQLite-compatible locks on a database through the mount."""
 
@@ -195,8 +201,7 @@ class MountLocks:
             if writers:
                 # RESERVED too: no write transaction may be open (import on a primary).
                 held.lock(fd, fcntl.F_WRLCK, RESERVED_BYTE, 1, deadline)
-            held.lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1, deadline)
-            held.lock(fd, fcntl.F_WRLCK, SHARED_FIRST, SHARED_SIZE, deadline)
+            _exclude_shared(held, fd, deadline)
             return held
         except BaseException:
             held.release()
@@ -266,8 +271,7 @@ class MountLocks:
                     return held
             fd = self._cached(name)
             if fd is not None:
-                held.lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1, deadline)
-                held.lock(fd, fcntl.F_WRLCK, SHARED_FIRST, SHARED_SIZE, deadline)
+                _exclude_shared(held, fd, deadline)
             return held
         except BaseException:
             held.release()
