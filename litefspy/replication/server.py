@@ -50,6 +50,8 @@ HEARTBEAT_INTERVAL = 1.0
 # as its first file, not as a snapshot.)
 MAX_FILES_FROM_START = 16
 RETRY_INTERVAL = 1.0
+# LTX files up to this size are opened on the trio thread when just written.
+INLINE_OPEN_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -329,9 +331,14 @@ class ReplicationServer:
             have = Position(0, 0)
         if have.txid >= target.txid:
             return None, True  # ahead, or the same TXID with another checksum
-        opened = await trio.to_thread.run_sync(
-            _open_continuation, db, have.txid + 1, self.chunk_size
-        )
+        if target.txid == have.txid + 1 and db.last_commit_size <= INLINE_OPEN_BYTES:
+            # The commit just made, still in the page cache: opening it here costs
+            # less than the trip to a worker thread and back (replication lag).
+            opened = _open_continuation(db, have.txid + 1, self.chunk_size)
+        else:
+            opened = await trio.to_thread.run_sync(
+                _open_continuation, db, have.txid + 1, self.chunk_size
+            )
         if opened is None:
             return None, False  # retention removed it: nothing says the history differs
         header = opened.header

@@ -54,6 +54,7 @@ from litefspy.store.waltrack import WALCommit, WALTracker
 log = logging.getLogger(__name__)
 
 ZERO_HEADER = bytes(28)
+UNKNOWN_SIZE = 1 << 62
 
 
 class FileKind(Enum):
@@ -128,6 +129,8 @@ class Database:
         self._db_fd: int | None = None
         self._is_wal_db = False
         self.last_commit_ms = 0
+        # Size of the newest LTX file when this node wrote it (unknown: huge).
+        self.last_commit_size = UNKNOWN_SIZE
         # LTX files written but not yet fsynced (WAL commits), oldest first.
         self.unsynced: list[Path] = []
         self._last_changes: ChecksumChanges | None = None
@@ -628,6 +631,7 @@ class Database:
         self.checksums = checksums
         self.pos = Position(txid, checksums.total)
         self.last_commit_ms = now_ms
+        self.last_commit_size = size
         if log.isEnabledFor(logging.DEBUG):
             log.debug("commit %s", kv(db=self.name, txid=f"{txid:016x}", pages=wrote))
         if notify and self.on_commit is not None:
@@ -698,6 +702,7 @@ class Database:
         self.pos = pos
         self.checksums = checksums
         self.last_commit_ms = int(time.time() * 1000)
+        self.last_commit_size = UNKNOWN_SIZE
         self.close()
         if checksums is None:
             self._is_wal_db = False
