@@ -319,6 +319,13 @@ class Node:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    # gRPC first: once applications can see the mount, `litefspy
+                    # status` and the other nodes can reach this one. Until the
+                    # mount exists no application can hold a SQLite lock, so the
+                    # RPCs that take locks through it need none.
+                    grpc_server = self._grpc_server()
+                    services.register_rpcs(self, grpc_server)
+                    await nursery.start(grpc_server.serve)
                     await nursery.start(
                         lambda task_status: serve(
                             self.ops,
@@ -329,9 +336,6 @@ class Node:
                         )
                     )
                     self.store.attach_mount(mountpoint, self.ops)
-                    grpc_server = self._grpc_server()
-                    services.register_rpcs(self, grpc_server)
-                    await nursery.start(grpc_server.serve)
                     # Returns once the role is decided (or the lease engine failed once).
                     await nursery.start(self._run_role_loop)
                     nursery.start_soon(

@@ -141,3 +141,14 @@ def test_default_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "fuse: {dir: /tmp/m}\ndata: {dir: /tmp/d}\ngrpc: {addr: ':30303'}\nlease: {type: static}\n"
     )
     assert default_url() == "http://localhost:30303"
+
+
+def test_status_answers_as_soon_as_the_mount_is_there(node_factory) -> None:
+    """The gRPC server listens before the mount appears: no window where apps can use
+    the mount but `litefspy status` (or a replica) cannot reach the node."""
+    primary: NodeProcess = node_factory("primary").start()  # returns once .lag exists
+    res = cli("status", "--json", "--url", primary.url)
+    assert res.returncode == 0, res.stderr
+    replica: NodeProcess = replica_of(node_factory, primary).start()
+    res = cli("status", "--json", "--url", replica.url)
+    assert res.returncode == 0, res.stderr

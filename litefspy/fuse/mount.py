@@ -64,12 +64,19 @@ def _close_once(path: Path) -> None:
         log.debug("priming close failed %s: %s", kv(path=path), exc)
 
 
-# Aborts the FUSE connection when litefspy dies (see _start_watchdog): $1 is
-# the connection's abort file. `sleep & wait` lets the trap run at once.
-_WATCHDOG = (
-    'trap \'echo 1 > "$1" 2>/dev/null; kill "$pid" 2>/dev/null; exit 0\' TERM; '
-    'while :; do sleep 3600 & pid=$!; wait "$pid"; done'
-)
+# Aborts the FUSE connection once litefspy is dying (see _start_watchdog).
+# $1: litefspy's pid, $2: the connection's abort file. Field 9 of
+# /proc/PID/stat is the task's flags; 0x4 is PF_EXITING. All builtins but sleep.
+_WATCHDOG = """
+pid=$1 abort=$2
+while read -r stat < "/proc/$pid/stat"; do
+    set -- ${stat##*) }
+    [ "$1" = Z ] && break
+    [ $(( $7 & 4 )) -ne 0 ] && break
+    sleep 0.5
+done
+echo 1 > "$abort"
+"""
 
 
 def _connection_id(mountpoint: Path) -> int | None:
@@ -96,25 +103,25 @@ def _start_watchdog(mountpoint: Path) -> subprocess.Popen[bytes] | None:
     """A tiny process that aborts this mount's FUSE connection if litefspy is killed.
 
     When litefspy dies (SIGKILL, OOM), the kernel closes its descriptors one by
-    one; closing a descriptor litefspy holds on its own mount flushes the dirty
-    pages applications wrote into that file through mmap (SQLite's -shm), which
-    needs the dead daemon: the process would hang in exit forever with a dead
-    mount. The watchdog gets SIGTERM when its parent dies (setpriv --pdeathsig)
-    and aborts the connection, so everything waiting on it fails at once.
-    Started from the trio (main) thread: the parent-death signal follows the
-    thread that forked. A clean shutdown kills it first (see serve).
+    one; closing a descriptor litefspy holds on its own mount flushes the pages
+    applications dirtied through mmap (SQLite's -shm), which needs the dead
+    daemon: the process would hang in exit forever, leaving a dead mount. The
+    release of /dev/fuse that would abort the connection only runs after all
+    descriptors are closed, and so does any signal tied to litefspy's exit
+    (parent-death signal, pipe EOF): the watchdog instead polls the process's
+    flags and aborts the connection as soon as litefspy starts exiting. A
+    clean shutdown kills the watchdog first (see serve).
     """
     conn = _connection_id(mountpoint)
-    setpriv = shutil.which("setpriv")
-    if conn is None or setpriv is None:
-        log.debug("no FUSE watchdog %s", kv(connection=conn, setpriv=setpriv))
+    if conn is None:
+        log.debug("no FUSE watchdog: connection of %s not found", mountpoint)
         return None
     abort = Path(f"/sys/fs/fuse/connections/{conn}/abort")
     if not abort.exists():
         log.debug("no FUSE watchdog: %s is missing (fusectl not mounted)", abort)
         return None
     return subprocess.Popen(
-        [setpriv, "--pdeathsig", "TERM", "sh", "-c", _WATCHDOG, "sh", str(abort)],
+        ["sh", "-c", _WATCHDOG, "sh", str(os.getpid()), str(abort)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -157,7 +164,7 @@ async def serve(
     finally:
         if watchdog is not None:
             # No abort on a clean shutdown: kill the watchdog and its sleep (its
-            # own process group) without letting it run its trap.
+            # own process group).
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(watchdog.pid, signal.SIGKILL)
             watchdog.wait()
