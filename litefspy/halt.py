@@ -236,9 +236,10 @@ class HaltService:
             upload = b"".join(chunks)
         try:
             if received != size:
+                what = "is longer than" if received > size else f"ended after {received} of"
                 raise RPCRefused(
                     Code.INVALID_ARGUMENT,
-                    f"commit to {name}: the upload ended after {received} of {size} bytes",
+                    f"commit to {name}: the upload {what} the announced {size} bytes",
                 )
             pos = await store.apply_forwarded(halt, upload)
         except (DatabaseError, LTXError) as exc:

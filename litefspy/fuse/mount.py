@@ -64,18 +64,27 @@ def _close_once(path: Path) -> None:
         log.debug("priming close failed %s: %s", kv(path=path), exc)
 
 
-# Aborts the FUSE connection once litefspy is dying (see _start_watchdog).
-# $1: litefspy's pid, $2: the connection's abort file. Field 9 of
-# /proc/PID/stat is the task's flags; 0x4 is PF_EXITING. All builtins but sleep.
+# Aborts the FUSE connection while litefspy is exiting (see _start_watchdog).
+# $1: litefspy's pid, $2: the connection's abort file. Field 9 of a task's
+# /proc stat line is its flags; 0x4 is PF_EXITING. Any thread exiting but not
+# yet a zombie means the process is going down (the one stuck flushing may be
+# any thread, the main one already a zombie). A process that is gone has
+# finished exiting: nothing to do (its connection number may already belong to
+# a new mount). All builtins but sleep.
 _WATCHDOG = """
 pid=$1 abort=$2
-while read -r stat < "/proc/$pid/stat"; do
-    set -- ${stat##*) }
-    [ "$1" = Z ] && break
-    [ $(( $7 & 4 )) -ne 0 ] && break
+while [ -d "/proc/$pid" ]; do
+    for task in /proc/$pid/task/*; do
+        read -r stat < "$task/stat" 2>/dev/null || continue
+        set -- ${stat##*) }
+        [ "$1" = Z ] && continue
+        if [ $(( $7 & 4 )) -ne 0 ]; then
+            echo 1 > "$abort"
+            exit 0
+        fi
+    done
     sleep 0.5
 done
-echo 1 > "$abort"
 """
 
 

@@ -189,7 +189,9 @@ class LockAcquired(_message.Message):
     txid: _builtins.int
     checksum: _builtins.int
     epoch: _builtins.int
-    """The primary's lease epoch: a Commit is refused once it changed."""
+    """The primary's lease epoch (informational: the lock, and any Commit under
+    it, ends when this node stops being the primary).
+    """
     def __init__(
         self,
         *,
