@@ -274,8 +274,9 @@ class HaltService:
         url = self.node.primary_advertise_url()
         primary = self.node.primary_hostname() or "the primary"
         if url is None:
+            # Not UNAVAILABLE: the CLI would report this node as unreachable.
             raise RPCRefused(
-                Code.UNAVAILABLE,
+                Code.FAILED_PRECONDITION,
                 f"cannot get the halt lock on {name}: node {self._hostname} is not "
                 "connected to a primary",
             )
@@ -342,7 +343,7 @@ class HaltService:
         db = store.get(name)
         if db is None or db.pos.txid < txid:
             raise RPCRefused(
-                Code.UNAVAILABLE,
+                Code.FAILED_PRECONDITION,
                 f"cannot take the halt lock on {name}: this replica did not catch up with "
                 f"{primary} (txid {txid:016x}) within {CATCH_UP_TIMEOUT:g} s",
             )

@@ -184,6 +184,15 @@ def test_halt_lock_refusals(node_factory) -> None:
     assert res.returncode == 2 and "needs -- CMD" in res.stderr
     # Nothing was left locked: the primary writes at once.
     assert try_insert(primary.db("app.db"), 1, busy_ms=100)
+    # Without a primary there is nobody to forward to.
+    primary.stop()
+    wait_for(lambda: not (replica.mnt / ".primary").exists(), 30, what="the replica to notice")
+    res = litefspy("run", "--url", replica.url, "--with-halt-lock-on", "app.db", "--", "true")
+    assert res.returncode == 1, res
+    # (A static replica still knows where its primary should be: it says it cannot reach it.)
+    assert "cannot get the halt lock on app.db" in res.stderr, res.stderr
+    assert "cannot reach" in res.stderr or "not connected to a primary" in res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
 
 
 HOLDER = textwrap.dedent(
