@@ -198,6 +198,18 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     ]
 
 
+def _ago(ms: int | None) -> str:
+    """`12 s ago`, `3 min ago`, ... for a past event's age in milliseconds."""
+    if ms is None:
+        return "(when unknown)"
+    seconds = ms // 1000
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600} h ago"
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The human-readable form of `status --json`."""
     node, lease, primary = status["node"], status["lease"], status["primary"]
@@ -221,7 +233,11 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(
             f"sync:     {state}; {repl['files_applied']} files "
             f"({repl['snapshots_applied']} snapshots) applied, {repl['apply_errors']} errors"
-            + (f"; last error: {repl['last_error']}" if repl.get("last_error") else "")
+            + (
+                f"; last error {_ago(repl.get('last_error_age_ms'))}: {repl['last_error']}"
+                if repl.get("last_error")
+                else ""
+            )
         )
     lines.append("")
     if status["databases"]:

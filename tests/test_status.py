@@ -152,3 +152,19 @@ def test_status_answers_as_soon_as_the_mount_is_there(node_factory) -> None:
     replica: NodeProcess = replica_of(node_factory, primary).start()
     res = cli("status", "--json", "--url", replica.url)
     assert res.returncode == 0, res.stderr
+
+
+def test_replica_status_dates_its_last_replication_error(node_factory) -> None:
+    primary: NodeProcess = node_factory("primary").start()
+    replica: NodeProcess = replica_of(node_factory, primary).start()
+    wait_for((replica.mnt / ".primary").exists, 30, what="the replica to connect")
+    primary.stop()
+    wait_for(
+        lambda: status(replica)["replication"]["last_error"] is not None,
+        30,
+        what="the replica to record the lost stream",
+    )
+    repl = status(replica)["replication"]
+    assert isinstance(repl["last_error_age_ms"], int) and 0 <= repl["last_error_age_ms"] < 60_000
+    res = cli("status", "--url", replica.url)
+    assert re.search(r"last error \d+ s ago: ", res.stdout), res.stdout

@@ -79,6 +79,7 @@ class ClientStats:
     bytes_received: int = 0
     apply_errors: int = 0
     last_error: str = ""
+    last_error_ms: int = 0  # Unix ms of last_error
     applied_by_db: dict[str, int] = field(default_factory=dict)
 
 
@@ -189,9 +190,11 @@ class ReplicationClient:
                 await self._stream_once()
             except (LitefspyError, OSError) as exc:
                 self.stats.last_error = str(exc)
+                self.stats.last_error_ms = int(time.time() * 1000)
                 log.warning("replication stream ended %s: %s", kv(primary=self.primary_url), exc)
             except Exception as exc:
                 self.stats.last_error = f"unexpected: {exc!r}"
+                self.stats.last_error_ms = int(time.time() * 1000)
                 log.exception("replication stream failed %s", kv(primary=self.primary_url))
             finally:
                 was_connected = self.connected

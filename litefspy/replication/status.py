@@ -10,6 +10,7 @@ full names are here so that the node and the CLI share them.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,11 @@ class StatusService:
                     bytes_received=stats.bytes_received,
                     apply_errors=stats.apply_errors,
                     last_error=stats.last_error,
+                    last_error_age_ms=(
+                        max(0, int(time.time() * 1000) - stats.last_error_ms)
+                        if stats.last_error
+                        else 0
+                    ),
                 )
             )
         return reply
@@ -288,5 +294,6 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
             "bytes_received": r.bytes_received,
             "apply_errors": r.apply_errors,
             "last_error": r.last_error or None,
+            "last_error_age_ms": r.last_error_age_ms if r.last_error else None,
         }
     return out

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17litefspy/v1/admin.proto\x12\x0blitefspy.v1\"\x0f\n\rStatusRequest\"?\n\x08NodeInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\radvertise_url\x18\x03 \x01(\t\"x\n\x0bLeaseStatus\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1a\n\rexpires_in_ms\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x06holder\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x10\n\x0e_expires_in_msB\t\n\x07_holder\"\xb2\x01\n\x0e\x44\x61tabaseStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04txid\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\x12\x14\n\x0cjournal_mode\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06lag_ms\x18\x06 \x01(\x03\x12\x0e\n\x06\x65xists\x18\x07 \x01(\x08\x12\x18\n\x0bhalt_holder\x18\x08 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_halt_holder\"-\n\x0fReplicaDatabase\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04txid\x18\x02 \x01(\x04\"\xbe\x01\n\rReplicaStatus\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.litefspy.v1.NodeInfo\x12/\n\tdatabases\x18\x02 \x03(\x0b\x32\x1c.litefspy.v1.ReplicaDatabase\x12\x17\n\x0f\x63onnected_at_ms\x18\x03 \x01(\x03\x12\x12\n\nfiles_sent\x18\x04 \x01(\x04\x12\x16\n\x0esnapshots_sent\x18\x05 \x01(\x04\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\"\xbb\x01\n\x11ReplicationStatus\x12\x11\n\tconnected\x18\x01 \x01(\x08\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x10\n\x08\x63onnects\x18\x03 \x01(\x04\x12\x15\n\rfiles_applied\x18\x04 \x01(\x04\x12\x19\n\x11snapshots_applied\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x06 \x01(\x04\x12\x14\n\x0c\x61pply_errors\x18\x07 \x01(\x04\x12\x12\n\nlast_error\x18\x08 \x01(\t\"\xcb\x02\n\x0bStatusReply\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.litefspy.v1.NodeInfo\x12\x0c\n\x04role\x18\x02 \x01(\t\x12&\n\x07primary\x18\x03 \x01(\x0b\x32\x15.litefspy.v1.NodeInfo\x12\'\n\x05lease\x18\x04 \x01(\x0b\x32\x18.litefspy.v1.LeaseStatus\x12.\n\tdatabases\x18\x05 \x03(\x0b\x32\x1b.litefspy.v1.DatabaseStatus\x12,\n\x08replicas\x18\x06 \x03(\x0b\x32\x1a.litefspy.v1.ReplicaStatus\x12\x12\n\ncluster_id\x18\x07 \x01(\t\x12\x33\n\x0breplication\x18\x08 \x01(\x0b\x32\x1e.litefspy.v1.ReplicationStatus\x12\x11\n\tcandidate\x18\t \x01(\x08\")\n\x0ePromoteRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\"P\n\x0cPromoteReply\x12\x17\n\x0f\x61lready_primary\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x18\n\x10previous_primary\x18\x03 \x01(\t\"?\n\x0fHandoffPosition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04txid\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\"7\n\x0eHandoffRequest\x12%\n\x06target\x18\x01 \x01(\x0b\x32\x15.litefspy.v1.NodeInfo\"N\n\x0cHandoffReply\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\tpositions\x18\x02 \x03(\x0b\x32\x1c.litefspy.v1.HandoffPosition2\xcd\x01\n\x05\x41\x64min\x12>\n\x06Status\x12\x1a.litefspy.v1.StatusRequest\x1a\x18.litefspy.v1.StatusReply\x12\x41\n\x07Promote\x12\x1b.litefspy.v1.PromoteRequest\x1a\x19.litefspy.v1.PromoteReply\x12\x41\n\x07Handoff\x12\x1b.litefspy.v1.HandoffRequest\x1a\x19.litefspy.v1.HandoffReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17litefspy/v1/admin.proto\x12\x0blitefspy.v1\"\x0f\n\rStatusRequest\"?\n\x08NodeInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\radvertise_url\x18\x03 \x01(\t\"x\n\x0bLeaseStatus\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1a\n\rexpires_in_ms\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x06holder\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x10\n\x0e_expires_in_msB\t\n\x07_holder\"\xb2\x01\n\x0e\x44\x61tabaseStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04txid\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\x12\x14\n\x0cjournal_mode\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06lag_ms\x18\x06 \x01(\x03\x12\x0e\n\x06\x65xists\x18\x07 \x01(\x08\x12\x18\n\x0bhalt_holder\x18\x08 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_halt_holder\"-\n\x0fReplicaDatabase\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04txid\x18\x02 \x01(\x04\"\xbe\x01\n\rReplicaStatus\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.litefspy.v1.NodeInfo\x12/\n\tdatabases\x18\x02 \x03(\x0b\x32\x1c.litefspy.v1.ReplicaDatabase\x12\x17\n\x0f\x63onnected_at_ms\x18\x03 \x01(\x03\x12\x12\n\nfiles_sent\x18\x04 \x01(\x04\x12\x16\n\x0esnapshots_sent\x18\x05 \x01(\x04\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\"\xd6\x01\n\x11ReplicationStatus\x12\x11\n\tconnected\x18\x01 \x01(\x08\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x10\n\x08\x63onnects\x18\x03 \x01(\x04\x12\x15\n\rfiles_applied\x18\x04 \x01(\x04\x12\x19\n\x11snapshots_applied\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x06 \x01(\x04\x12\x14\n\x0c\x61pply_errors\x18\x07 \x01(\x04\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x19\n\x11last_error_age_ms\x18\t \x01(\x03\"\xcb\x02\n\x0bStatusReply\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.litefspy.v1.NodeInfo\x12\x0c\n\x04role\x18\x02 \x01(\t\x12&\n\x07primary\x18\x03 \x01(\x0b\x32\x15.litefspy.v1.NodeInfo\x12\'\n\x05lease\x18\x04 \x01(\x0b\x32\x18.litefspy.v1.LeaseStatus\x12.\n\tdatabases\x18\x05 \x03(\x0b\x32\x1b.litefspy.v1.DatabaseStatus\x12,\n\x08replicas\x18\x06 \x03(\x0b\x32\x1a.litefspy.v1.ReplicaStatus\x12\x12\n\ncluster_id\x18\x07 \x01(\t\x12\x33\n\x0breplication\x18\x08 \x01(\x0b\x32\x1e.litefspy.v1.ReplicationStatus\x12\x11\n\tcandidate\x18\t \x01(\x08\")\n\x0ePromoteRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\"P\n\x0cPromoteReply\x12\x17\n\x0f\x61lready_primary\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x18\n\x10previous_primary\x18\x03 \x01(\t\"?\n\x0fHandoffPosition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04txid\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\"7\n\x0eHandoffRequest\x12%\n\x06target\x18\x01 \x01(\x0b\x32\x15.litefspy.v1.NodeInfo\"N\n\x0cHandoffReply\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\tpositions\x18\x02 \x03(\x0b\x32\x1c.litefspy.v1.HandoffPosition2\xcd\x01\n\x05\x41\x64min\x12>\n\x06Status\x12\x1a.litefspy.v1.StatusRequest\x1a\x18.litefspy.v1.StatusReply\x12\x41\n\x07Promote\x12\x1b.litefspy.v1.PromoteRequest\x1a\x19.litefspy.v1.PromoteReply\x12\x41\n\x07Handoff\x12\x1b.litefspy.v1.HandoffRequest\x1a\x19.litefspy.v1.HandoffReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,19 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICASTATUS']._serialized_start=473
   _globals['_REPLICASTATUS']._serialized_end=663
   _globals['_REPLICATIONSTATUS']._serialized_start=666
-  _globals['_REPLICATIONSTATUS']._serialized_end=853
-  _globals['_STATUSREPLY']._serialized_start=856
-  _globals['_STATUSREPLY']._serialized_end=1187
-  _globals['_PROMOTEREQUEST']._serialized_start=1189
-  _globals['_PROMOTEREQUEST']._serialized_end=1230
-  _globals['_PROMOTEREPLY']._serialized_start=1232
-  _globals['_PROMOTEREPLY']._serialized_end=1312
-  _globals['_HANDOFFPOSITION']._serialized_start=1314
-  _globals['_HANDOFFPOSITION']._serialized_end=1377
-  _globals['_HANDOFFREQUEST']._serialized_start=1379
-  _globals['_HANDOFFREQUEST']._serialized_end=1434
-  _globals['_HANDOFFREPLY']._serialized_start=1436
-  _globals['_HANDOFFREPLY']._serialized_end=1514
-  _globals['_ADMIN']._serialized_start=1517
-  _globals['_ADMIN']._serialized_end=1722
+  _globals['_REPLICATIONSTATUS']._serialized_end=880
+  _globals['_STATUSREPLY']._serialized_start=883
+  _globals['_STATUSREPLY']._serialized_end=1214
+  _globals['_PROMOTEREQUEST']._serialized_start=1216
+  _globals['_PROMOTEREQUEST']._serialized_end=1257
+  _globals['_PROMOTEREPLY']._serialized_start=1259
+  _globals['_PROMOTEREPLY']._serialized_end=1339
+  _globals['_HANDOFFPOSITION']._serialized_start=1341
+  _globals['_HANDOFFPOSITION']._serialized_end=1404
+  _globals['_HANDOFFREQUEST']._serialized_start=1406
+  _globals['_HANDOFFREQUEST']._serialized_end=1461
+  _globals['_HANDOFFREPLY']._serialized_start=1463
+  _globals['_HANDOFFREPLY']._serialized_end=1541
+  _globals['_ADMIN']._serialized_start=1544
+  _globals['_ADMIN']._serialized_end=1749
 # @@protoc_insertion_point(module_scope)

@@ -225,6 +225,7 @@ class ReplicationStatus(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
     APPLY_ERRORS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_AGE_MS_FIELD_NUMBER: _builtins.int
     connected: _builtins.bool
     ready: _builtins.bool
     connects: _builtins.int
@@ -233,6 +234,8 @@ class ReplicationStatus(_message.Message):
     bytes_received: _builtins.int
     apply_errors: _builtins.int
     last_error: _builtins.str
+    last_error_age_ms: _builtins.int
+    """Milliseconds since last_error happened (0 when there was none)."""
     def __init__(
         self,
         *,
@@ -244,10 +247,11 @@ class ReplicationStatus(_message.Message):
         bytes_received: _builtins.int = ...,
         apply_errors: _builtins.int = ...,
         last_error: _builtins.str = ...,
+        last_error_age_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_errors", b"apply_errors", "bytes_received", b"bytes_received", "connected", b"connected", "connects", b"connects", "files_applied", b"files_applied", "last_error", b"last_error", "ready", b"ready", "snapshots_applied", b"snapshots_applied"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_errors", b"apply_errors", "bytes_received", b"bytes_received", "connected", b"connected", "connects", b"connects", "files_applied", b"files_applied", "last_error", b"last_error", "last_error_age_ms", b"last_error_age_ms", "ready", b"ready", "snapshots_applied", b"snapshots_applied"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
