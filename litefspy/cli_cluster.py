@@ -15,20 +15,25 @@ FALLBACK_URL = "http://localhost:20202"
 PROMOTE_TIMEOUT = 30.0
 
 
-def add_parsers(sub: Any) -> None:
-    """Register this module's subcommands on the top-level subparsers."""
-    p = sub.add_parser("status", help="show a node's role, databases and replicas")
+def add_url_args(p: argparse.ArgumentParser) -> None:
+    """`--url` and `-c/--config`: which node a command talks to (see default_url)."""
     p.add_argument(
         "--url",
         help=f"the node's gRPC URL (default: grpc.addr of the local fuse.yml, else {FALLBACK_URL})",
     )
+    p.add_argument("-c", "--config", help="fuse.yml to take the default --url from")
+
+
+def add_parsers(sub: Any) -> None:
+    """Register this module's subcommands on the top-level subparsers."""
+    p = sub.add_parser("status", help="show a node's role, databases and replicas")
+    add_url_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--watch",
         action="store_true",
         help="then follow the node's events, one JSON object per line (as `litefspy events`)",
     )
-    p.add_argument("-c", "--config", help="fuse.yml to take the default --url from")
     p.set_defaults(handler=_cmd_status)
 
     p = sub.add_parser(
@@ -37,11 +42,7 @@ def add_parsers(sub: Any) -> None:
         description="Run CMD, optionally after the node at --url became the primary through "
         "a handoff from the current primary (--promote). Exits with CMD's code.",
     )
-    p.add_argument(
-        "--url",
-        help=f"the node's gRPC URL (default: grpc.addr of the local fuse.yml, else {FALLBACK_URL})",
-    )
-    p.add_argument("-c", "--config", help="fuse.yml to take the default --url from")
+    add_url_args(p)
     p.add_argument(
         "--promote", action="store_true", help="make the node the primary first (lease handoff)"
     )

@@ -23,29 +23,22 @@ TRANSFER_TIMEOUT = 3600.0
 
 def add_parsers(sub: Any) -> None:
     """Register this module's subcommands on the top-level subparsers."""
-    from litefspy.cli_cluster import FALLBACK_URL
-
-    url_help = (
-        f"the node's gRPC URL (default: grpc.addr of the local fuse.yml, else {FALLBACK_URL})"
-    )
+    from litefspy.cli_cluster import add_url_args
 
     p = sub.add_parser("import", help="replace or create a database from a SQLite file (primary)")
     p.add_argument("--name", required=True, help="database name inside the mount")
     p.add_argument("path", metavar="PATH", help="SQLite database file to upload")
-    p.add_argument("--url", help=url_help)
-    p.add_argument("-c", "--config", help="fuse.yml to take the default --url from")
+    add_url_args(p)
     p.set_defaults(handler=_cmd_import)
 
     p = sub.add_parser("export", help="write a consistent copy of a database to a file")
     p.add_argument("--name", required=True, help="database name inside the mount")
     p.add_argument("path", metavar="PATH", help="file to write (replaced if it exists)")
-    p.add_argument("--url", help=url_help)
-    p.add_argument("-c", "--config", help="fuse.yml to take the default --url from")
+    add_url_args(p)
     p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("events", help="print a node's events, one JSON object per line")
-    p.add_argument("--url", help=url_help)
-    p.add_argument("-c", "--config", help="fuse.yml to take the default --url from")
+    add_url_args(p)
     p.set_defaults(handler=_cmd_events)
 
 
@@ -115,16 +108,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- export
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from litefspy.dataservice import EXPORT_METHOD
+    from litefspy.ltx.files import fsync_dir
     from litefspy.replication.bridge import RemoteError, call_server_stream
     from litefspy.v1 import data_pb2 as pb
 
@@ -161,7 +147,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
     print(f"exported {name} to {out}: txid {start.txid:016x}/{start.checksum:016x}")

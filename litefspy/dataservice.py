@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +95,7 @@ class DataService:
                     Code.FAILED_PRECONDITION, f"cannot import {name}: {message}"
                 ) from None
         finally:
-            await trio.to_thread.run_sync(_unlink, tmp)
+            await trio.to_thread.run_sync(partial(tmp.unlink, missing_ok=True))
         log.info("import done %s", kv(db=name, bytes=size, pos=pos, peer=peer))
         return pb.ImportReply(name=name, txid=pos.txid, checksum=pos.checksum)
 
@@ -129,7 +130,7 @@ class DataService:
                     await send.send(pb.ExportChunk(data=chunk))
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_unlink, tmp)
+                await trio.to_thread.run_sync(partial(tmp.unlink, missing_ok=True))
         log.info("export done %s", kv(db=name, bytes=size, pos=pos, peer=peer))
 
 
@@ -158,7 +159,3 @@ async def receive_file(
 
 def _mkdir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
-
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)

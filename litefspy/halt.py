@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -218,7 +219,7 @@ class HaltService:
             try:
                 received = await receive_file(requests, tmp, what="a commit")
             except BaseException:
-                await trio.to_thread.run_sync(_unlink, tmp)
+                await trio.to_thread.run_sync(partial(tmp.unlink, missing_ok=True))
                 raise
             upload: bytes | Path = tmp
         else:
@@ -247,7 +248,7 @@ class HaltService:
         finally:
             if isinstance(upload, Path):
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(_unlink, upload)
+                    await trio.to_thread.run_sync(partial(upload.unlink, missing_ok=True))
         del peer
         return pb.CommitReply(txid=pos.txid, checksum=pos.checksum)
 
@@ -407,7 +408,3 @@ async def _first_failure(*tasks: Callable[[], Awaitable[str]]) -> str:
             nursery.start_soon(run, task)
     assert failure is not None
     return failure
-
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)

@@ -68,11 +68,29 @@ class NodeProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def launch_prefix(self) -> list[str]:
+        """What the node's command runs under (e.g. `ip netns exec NS`)."""
+        return []
+
+    @property
+    def view(self) -> Path:
+        """The mount as the test process reaches it."""
+        return self.mnt
+
     def start(self, *, wait: bool = True, timeout: float = 30.0) -> NodeProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "litefspy", "mount", "-c", str(self.config_path)],
+            [
+                *self.launch_prefix,
+                sys.executable,
+                "-m",
+                "litefspy",
+                "mount",
+                "-c",
+                str(self.config_path),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -88,7 +106,7 @@ class NodeProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node {self.name} exited early:\n{self.log()}")
             try:
-                return (self.mnt / ".lag").exists()
+                return (self.view / ".lag").exists()
             except OSError:
                 return False  # a dead mount left behind, not cleaned up yet
 
@@ -130,7 +148,7 @@ class NodeProcess:
         return sorted(d.glob("*.ltx")) if d.exists() else []
 
     def pos(self, name: str) -> tuple[int, int]:
-        text = (self.mnt / f"{name}-pos").read_text().strip()
+        text = (self.view / f"{name}-pos").read_text().strip()
         txid, checksum = text.split("/")
         return int(txid, 16), int(checksum, 16)
 

@@ -259,29 +259,32 @@ COMMIT_LATER = textwrap.dedent(
 )
 
 
+def _start_commit_later(
+    replica: NodeProcess, tmp_path: Path, output: int
+) -> tuple[subprocess.Popen[str], Path, Path, Path]:
+    """Run COMMIT_LATER under the halt lock through `replica`: (cli, ready, go, out)."""
+    script = tmp_path / "later.py"
+    script.write_text(COMMIT_LATER)
+    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
+    command = [
+        sys.executable,
+        str(script),
+        str(replica.db("app.db")),
+        str(ready),
+        str(go),
+        str(out),
+    ]
+    cli = subprocess.Popen(_halted(replica, *command), stdout=output, stderr=output, text=True)
+    return cli, ready, go, out
+
+
 @pytest.mark.parametrize("mode", ["delete", "wal"])
 def test_commit_fails_cleanly_when_the_primary_goes_away(
     node_factory, tmp_path: Path, mode: str
 ) -> None:
     primary, replica, other = _cluster(node_factory, mode)
     before = primary.pos("app.db")
-    script = tmp_path / "later.py"
-    script.write_text(COMMIT_LATER)
-    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
-    cli = subprocess.Popen(
-        _halted(
-            replica,
-            sys.executable,
-            str(script),
-            str(replica.db("app.db")),
-            str(ready),
-            str(go),
-            str(out),
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    cli, ready, go, out = _start_commit_later(replica, tmp_path, subprocess.PIPE)
     try:
         wait_for(ready.exists, 30, what="the command's open transaction")
         primary.kill()
@@ -458,20 +461,7 @@ def test_unanswered_forwarded_commit_fails_and_the_cluster_converges(
     replica (rolled back there), and whatever the primary did with it once it thaws,
     every node ends with the same state."""
     primary, replica, other = _cluster(node_factory, mode)
-    script = tmp_path / "later.py"
-    script.write_text(COMMIT_LATER)
-    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
-    cli = subprocess.Popen(
-        _halted(
-            replica,
-            sys.executable,
-            str(script),
-            str(replica.db("app.db")),
-            *map(str, (ready, go, out)),
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    cli, ready, go, out = _start_commit_later(replica, tmp_path, subprocess.DEVNULL)
     assert primary.proc is not None
     try:
         wait_for(ready.exists, 30, what="the command's open transaction")

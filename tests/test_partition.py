@@ -176,7 +176,8 @@ class NamespacedNode(NodeProcess):
         return f"http://{self.address}:{self.port}"
 
     @property
-    def ns_exec(self) -> list[str]:
+    def launch_prefix(self) -> list[str]:
+        # `ip netns exec` execs the command: the child's pid is the node's.
         return ["ip", "netns", "exec", self.ns]
 
     @property
@@ -184,35 +185,6 @@ class NamespacedNode(NodeProcess):
         """The mount as the node's own mount namespace sees it."""
         assert self.proc is not None, f"{self.name} is not running"
         return Path(f"/proc/{self.proc.pid}/root{self.mnt}")
-
-    def start(self, *, wait: bool = True, timeout: float = 30.0) -> NamespacedNode:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        # `ip netns exec` execs the command: the child's pid is the node's.
-        self.proc = subprocess.Popen(
-            [*self.ns_exec, sys.executable, "-m", "litefspy", "mount", "-c", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            cwd=self.root,
-        )
-        log.close()
-        if wait:
-            self.wait_mounted(timeout)
-        return self
-
-    def wait_mounted(self, timeout: float = 30.0) -> None:
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"node {self.name} exited early:\n{self.log()}")
-            try:
-                return (self.view / ".lag").exists()
-            except OSError:
-                return False
-
-        wait_for(ready, timeout, what=f"{self.name} to mount")
-
-    def db(self, name: str) -> Path:
-        return self.mnt / name
 
     def in_namespace(self, op: str, *args: str) -> list[str]:
         """A command running IN_NAMESPACE on DB inside this node's mount namespace."""
@@ -228,10 +200,6 @@ class NamespacedNode(NodeProcess):
         """(iterdump lines, values of t) of DB."""
         out = json.loads(sh(*self.in_namespace("read")).stdout)
         return out["dump"], out["values"]
-
-    def pos(self, name: str) -> tuple[int, int]:
-        txid, checksum = (self.view / f"{name}-pos").read_text().strip().split("/")
-        return int(txid, 16), int(checksum, 16)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
         # The mount lives and dies with the node's own mount namespace.

@@ -82,6 +82,10 @@ class ClientStats:
     last_error_ms: int = 0  # Unix ms of last_error
     applied_by_db: dict[str, int] = field(default_factory=dict)
 
+    def record_error(self, message: str) -> None:
+        self.last_error = message
+        self.last_error_ms = int(time.time() * 1000)
+
 
 class _Incoming:
     """An LTX file being received into a temp path.
@@ -189,12 +193,10 @@ class ReplicationClient:
             try:
                 await self._stream_once()
             except (LitefspyError, OSError) as exc:
-                self.stats.last_error = str(exc)
-                self.stats.last_error_ms = int(time.time() * 1000)
+                self.stats.record_error(str(exc))
                 log.warning("replication stream ended %s: %s", kv(primary=self.primary_url), exc)
             except Exception as exc:
-                self.stats.last_error = f"unexpected: {exc!r}"
-                self.stats.last_error_ms = int(time.time() * 1000)
+                self.stats.record_error(f"unexpected: {exc!r}")
                 log.exception("replication stream failed %s", kv(primary=self.primary_url))
             finally:
                 was_connected = self.connected

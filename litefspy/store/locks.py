@@ -93,6 +93,13 @@ class HeldLocks:
             self.ranges.append((fd, start, length))
 
 
+def _share(held: HeldLocks, fd: int, deadline: float) -> None:
+    """SHARED as SQLite takes it: through PENDING, so a waiting writer goes first."""
+    _ofd_lock(fd, fcntl.F_RDLCK, PENDING_BYTE, 1, deadline)
+    held.lock(fd, fcntl.F_RDLCK, SHARED_FIRST, SHARED_SIZE, deadline)
+    _ofd_lock(fd, fcntl.F_UNLCK, PENDING_BYTE, 1, deadline)
+
+
 def _exclude_shared(held: HeldLocks, fd: int, deadline: float) -> None:
     """PENDING (no new SHARED), then the whole SHARED range: no rollback-mode reader."""
     held.lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1, deadline)
@@ -161,9 +168,7 @@ class MountLocks:
             fd = self._cached(name)
             if fd is None:
                 return held
-            _ofd_lock(fd, fcntl.F_RDLCK, PENDING_BYTE, 1, deadline)
-            held.lock(fd, fcntl.F_RDLCK, SHARED_FIRST, SHARED_SIZE, deadline)
-            _ofd_lock(fd, fcntl.F_UNLCK, PENDING_BYTE, 1, deadline)
+            _share(held, fd, deadline)
             if wal:
                 shm = self._cached(name + "-shm")
                 if shm is not None:
@@ -232,9 +237,7 @@ class MountLocks:
                 raise DatabaseError(f"database {name} does not exist")
             held.lock(fd, fcntl.F_WRLCK, RESERVED_BYTE, 1, deadline)
             if wal:
-                _ofd_lock(fd, fcntl.F_RDLCK, PENDING_BYTE, 1, deadline)
-                held.lock(fd, fcntl.F_RDLCK, SHARED_FIRST, SHARED_SIZE, deadline)
-                _ofd_lock(fd, fcntl.F_UNLCK, PENDING_BYTE, 1, deadline)
+                _share(held, fd, deadline)
                 helper = sqlite3.connect(self.mountpoint / name, timeout=timeout)
                 try:
                     helper.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -245,13 +248,11 @@ class MountLocks:
                 finally:
                     helper.close()
             return held
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             if extend is None:
                 held.release()
-            raise DatabaseError(f"cannot read {name} to halt it: {exc}") from None
-        except BaseException:
-            if extend is None:
-                held.release()
+            if isinstance(exc, sqlite3.Error):
+                raise DatabaseError(f"cannot read {name} to halt it: {exc}") from None
             raise
 
     def exclude_readers(self, name: str, wal: bool) -> HeldLocks:

@@ -352,12 +352,10 @@ class Store:
         if self._already_applied(db, header, trailer):
             # The primary sent back a transaction this replica forwarded to it
             # (write forwarding): it is already here, byte for byte.
-            await trio.to_thread.run_sync(_unlink, path)
+            await trio.to_thread.run_sync(partial(path.unlink, missing_ok=True))
             return db.pos
         deletion = header.commit == 0
-        continues = header.min_txid == db.pos.txid + 1 and (
-            header.pre_apply_checksum == db.pos.checksum
-        )
+        continues = _continues(db, header)
         if deletion and not continues and not header.is_snapshot:
             # The primary deleted the database: that holds whatever this replica had,
             # which is kept aside if it does not lead to the deletion.
@@ -384,22 +382,22 @@ class Store:
             current = None
         wal = db.is_wal_mode()
 
+        locks = self._locks
+
         def apply_in_thread() -> PageChecksums:
             # One worker thread for the whole apply: each trio <-> thread hop costs
             # more than the work for a small transaction (replication lag).
-            self._install_ltx(db, header, path, final, set_aside)
-            held = self._locks.exclusive(name, wal) if self._locks is not None else HeldLocks()
-            try:
-                if db.needs_settling():
-                    # Writes a halt lock allowed here left WAL frames or a hot
-                    # journal (a forwarded commit the primary did not confirm):
-                    # only the committed state may stay under the new pages.
-                    db.settle(verify=False)
-                after = self._write_applied(db, final, header, trailer, current)
-                self._after_apply(name, wal)
-                return after
-            finally:
-                held.release()
+            lock = (lambda: locks.exclusive(name, wal)) if locks is not None else HeldLocks
+            return self._apply_locked(
+                db,
+                header,
+                trailer,
+                src=path,
+                final=final,
+                current=current,
+                lock=lock,
+                set_aside=set_aside,
+            )
 
         after = await trio.to_thread.run_sync(apply_in_thread)
         pos = Position(header.max_txid, trailer.post_apply_checksum)
@@ -408,6 +406,38 @@ class Store:
             CommitInfo(name, header.max_txid, final, final.stat().st_size, header.timestamp)
         )
         return pos
+
+    def _apply_locked(
+        self,
+        db: Database,
+        header: Header,
+        trailer: Trailer,
+        *,
+        src: Path,
+        final: Path,
+        current: PageChecksums | None,
+        lock: Callable[[], HeldLocks],
+        set_aside: bool,
+    ) -> PageChecksums:
+        """Worker thread: install the LTX file, then with `lock()` held write its pages.
+
+        Anything besides the database file that readers would see goes first: a
+        replica's WAL frames or hot journal left by writes a halt lock allowed
+        (a forwarded commit the primary did not confirm), a primary's own WAL
+        under a forwarded commit. Only the committed state may stay under the
+        new pages.
+        """
+        wal = db.is_wal_mode()
+        self._install_ltx(db, header, src, final, set_aside)
+        held = lock()
+        try:
+            if db.needs_settling():
+                db.settle(verify=False)
+            after = self._write_applied(db, final, header, trailer, current)
+            self._after_apply(db.name, wal)
+            return after
+        finally:
+            held.release()
 
     @staticmethod
     def _already_applied(db: Database, header: Header, trailer: Trailer) -> bool:
@@ -643,14 +673,16 @@ class Store:
                     current = db.checksums.copy()
                     final = db.ltx_path(header.min_txid, header.max_txid)
                     wal = db.is_wal_mode()
-                    extra = locks.exclude_readers(name, wal)
-                    try:
-                        db.settle(verify=False)
-                        self._install_ltx(db, header, path, final, False)
-                        after = self._write_applied(db, final, header, trailer, current)
-                        self._after_apply(name, wal)
-                    finally:
-                        extra.release()
+                    after = self._apply_locked(
+                        db,
+                        header,
+                        trailer,
+                        src=path,
+                        final=final,
+                        current=current,
+                        lock=lambda: locks.exclude_readers(name, wal),
+                        set_aside=False,
+                    )
                     return header, trailer, final, after
                 finally:
                     path.unlink(missing_ok=True)
@@ -673,11 +705,7 @@ class Store:
 
     @staticmethod
     def _check_forwarded(db: Database, header: Header) -> None:
-        if (
-            header.is_snapshot
-            or header.min_txid != db.pos.txid + 1
-            or (header.pre_apply_checksum != db.pos.checksum)
-        ):
+        if header.is_snapshot or not _continues(db, header):
             raise DatabaseError(
                 f"forwarded transaction {header.min_txid:016x}-{header.max_txid:016x} "
                 f"does not continue {db.name} at {db.pos} on the primary"
@@ -768,5 +796,6 @@ class Store:
                 log.info("retention removed LTX files %s", kv(count=removed))
 
 
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)
+def _continues(db: Database, header: Header) -> bool:
+    """Does the LTX file start right after the database's position?"""
+    return header.min_txid == db.pos.txid + 1 and header.pre_apply_checksum == db.pos.checksum
