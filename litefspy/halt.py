@@ -243,7 +243,7 @@ class HaltService:
                     f"commit to {name}: the upload {what} the announced {size} bytes",
                 )
             pos = await store.apply_forwarded(halt, upload)
-        except (DatabaseError, LTXError) as exc:
+        except (DatabaseError, LTXError, OSError) as exc:
             raise RPCRefused(Code.FAILED_PRECONDITION, f"commit to {name} refused: {exc}") from None
         finally:
             if isinstance(upload, Path):
