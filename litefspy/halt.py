@@ -173,10 +173,8 @@ class HaltService:
             while True:
                 await trio.sleep(min(HEARTBEAT_INTERVAL, ttl / 3))
                 if not halt.active:
-                    raise RPCRefused(
-                        Code.UNAVAILABLE,
-                        f"halt lock on {name} ended: {self._hostname} is no longer the primary",
-                    )
+                    why = store.failed.get(name) or f"{self._hostname} is no longer the primary"
+                    raise RPCRefused(Code.UNAVAILABLE, f"halt lock on {name} ended: {why}")
                 if trio.current_time() > halt.expires:
                     log.warning(
                         "halt lock expired (no renewal) %s", kv(db=name, holder=holder, ttl=ttl)

@@ -19,6 +19,7 @@ import trio
 
 from litefspy.errors import (
     DatabaseError,
+    LitefspyError,
     LTXError,
     NotFoundError,
     ReadOnlyError,
@@ -673,6 +674,7 @@ class Store:
                     current = db.checksums.copy()
                     final = db.ltx_path(header.min_txid, header.max_txid)
                     wal = db.is_wal_mode()
+                    started.append(final)
                     after = self._apply_locked(
                         db,
                         header,
@@ -687,7 +689,14 @@ class Store:
                 finally:
                     path.unlink(missing_ok=True)
 
-            header, trailer, final, after = await trio.to_thread.run_sync(apply_in_thread)
+            # Set once the LTX file is about to be installed and the pages written.
+            started: list[Path] = []
+            try:
+                header, trailer, final, after = await trio.to_thread.run_sync(apply_in_thread)
+            except (OSError, LitefspyError) as exc:
+                if started:
+                    self._offline_after_failed_apply(halt, started[0], exc)
+                raise
             pos = Position(header.max_txid, trailer.post_apply_checksum)
             db.applied(pos, after if header.commit else None)
             halt.renew()
@@ -702,6 +711,25 @@ class Store:
         )
         self._notify(CommitInfo(name, pos.txid, final, final.stat().st_size, header.timestamp))
         return pos
+
+    def _offline_after_failed_apply(self, halt: Halt, ltx: Path, exc: BaseException) -> None:
+        """A forwarded transaction failed part-way (e.g. a full disk while the file grew).
+
+        The database file may hold some of its pages while the position does not
+        include it: nothing may read or write the database until startup
+        recovery re-applies the LTX file (durable before any page was written).
+        """
+        message = (
+            f"database {halt.name} is offline: applying a forwarded transaction failed "
+            f"part-way ({exc}); free the cause and restart litefspy, whose recovery "
+            f"re-applies {ltx.name}"
+        )
+        log.error("%s", message)
+        self.failed[halt.name] = message
+        db = self._dbs.pop(halt.name, None)
+        if db is not None:
+            db.close()
+        halt.active = False
 
     @staticmethod
     def _check_forwarded(db: Database, header: Header) -> None:
