@@ -21,9 +21,11 @@ def add_parsers(sub: Any) -> None:
 
 def _cmd_mount(args: argparse.Namespace) -> int:
     from litefspy.config import load_config
+    from litefspy.fuse.mount import check_can_mount
     from litefspy.node import Node
 
     config = load_config(args.config, expand_env=not args.no_expand_env)
+    check_can_mount()
     logs.setup(config.log.format, config.log.debug)
     command = list(args.command)
     if command and command[0] == "--":

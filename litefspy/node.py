@@ -414,6 +414,8 @@ class Node:
                 self.lease = None
             await self._stop_client()
             await grpc_server.stop(grace=SHUTDOWN_GRACE)
+            # Before the unmount: the lock keeper lets go of its descriptors on it.
+            await trio.to_thread.run_sync(self.store.detach_mount)
 
     # ------------------------------------------------------------ role loop
 

@@ -15,9 +15,12 @@ command gets SIGTERM, then SIGKILL after `KILL_GRACE` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shlex
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -124,11 +127,19 @@ class _Supervisor:
 
     async def run_command(self, argv: Sequence[str]) -> int:
         """Start `argv`, wait for it, return its exit status; kill it if cancelled."""
+        guard = DeathGuard()
         try:
-            proc = await trio.lowlevel.open_process(list(argv))
+            proc = await trio.lowlevel.open_process(list(argv), process_group=guard.pgid)
         except OSError as exc:
+            guard.disarm()
             log.error("cannot start command %s", kv(cmd=shlex.join(argv), error=exc.strerror))
             return NOT_FOUND_EXIT
+        try:
+            return await self._wait_command(proc, argv)
+        finally:
+            guard.disarm()
+
+    async def _wait_command(self, proc: trio.Process, argv: Sequence[str]) -> int:
         self.proc = proc
         log.info("command started %s", kv(cmd=shlex.join(argv), pid=proc.pid))
         try:
@@ -140,6 +151,53 @@ class _Supervisor:
             self.proc = None
         log.info("command exited %s", kv(cmd=shlex.join(argv), code=code))
         return code
+
+
+# The guard: reads its stdin, whose only writer is litefspy; at end of file
+# (litefspy is gone, however it died) it kills its whole process group, which
+# the command joined, with everything the command started in it.
+_GUARD = "read -r _; kill -KILL 0"
+
+
+class DeathGuard:
+    """Kills a command's process group as soon as litefspy dies (SIGKILL, OOM kill).
+
+    A command that outlived its node would keep its port and files, and the
+    restarted node's copy would fail ("Address already in use"): a restart loop
+    under any supervisor. The kernel closes litefspy's end of a pipe however it
+    dies (its exit never waits on its own mount: see store/keeper.py), so a tiny
+    shell holding the other end notices at once. The guard leads the group the
+    command joins; on a normal end only the guard is killed, the command is
+    handled as before. Programs that move themselves to another process group
+    or session are out of its reach.
+    """
+
+    def __init__(self) -> None:
+        read_end, self._write_end = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                ["sh", "-c", _GUARD],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                process_group=0,
+            )
+        except BaseException:
+            os.close(self._write_end)
+            raise
+        finally:
+            os.close(read_end)
+        self.pgid = self._proc.pid
+
+    def disarm(self) -> None:
+        """The command ended normally (or never started): stop the guard alone."""
+        if self._write_end < 0:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()
+        os.close(self._write_end)
+        self._write_end = -1
 
 
 async def _terminate(proc: trio.Process) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -33,6 +34,25 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str
 
 def force_unmount(path: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+
+
+_MNT_FORCE = 1
+
+
+def abort_fuse(path: Path) -> None:
+    """Abort the FUSE connection mounted at `path` (no fusectl needed).
+
+    umount2(MNT_FORCE) on a FUSE mount aborts its connection before it tries to
+    unmount: every request waiting on the daemon fails at once. Called directly
+    (not umount(8), which would stat the mount point and wait on the daemon).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.umount2(os.fsencode(path), _MNT_FORCE)
+    force_unmount(path)
+
+
+class NodeHung(AssertionError):
+    """A node process did not finish exiting after SIGKILL (a litefspy defect)."""
 
 
 class NodeProcess:
@@ -119,19 +139,34 @@ class NodeProcess:
             return ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        """Signal the node and wait for it; never hangs.
+
+        A node that does not finish exiting within 10 s of SIGKILL is stuck in
+        the kernel (waiting on its own mount): its FUSE connection is aborted
+        so the test run goes on, and NodeHung is raised, since that is a defect.
+        """
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+        proc = self.proc
+        hung = False
+        if proc.poll() is None:
+            proc.send_signal(sig)
             try:
-                self.proc.wait(timeout)
+                proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
+                proc.kill()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    hung = True
+                    abort_fuse(self.mnt)
+                    proc.wait(10)
+        code = proc.returncode
         self.proc = None
         if os.path.ismount(self.mnt) or _is_stale(self.mnt):
             force_unmount(self.mnt)
+        if hung:
+            raise NodeHung(f"node {self.name} hung in exit after SIGKILL:\n{self.log()}")
         return code
 
     def kill(self) -> None:

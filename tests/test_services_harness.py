@@ -26,6 +26,7 @@ from litefspy.fuse.mount import serve
 from litefspy.fuse.ops import Operations
 from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
 from litefspy.store.store import Store
+from tests.mounted import attach_store
 from tests.nodes import REPO, free_port
 
 
@@ -120,7 +121,7 @@ async def mounted_node(root: Path, **config_extra: Any) -> AsyncIterator[Mounted
     services.register_rpcs(node, server)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: serve(ops, mnt, task_status=task_status))
-        store.attach_mount(mnt, ops)
+        await nursery.start(attach_store, store, mnt, ops)
         await nursery.start(server.serve)
         try:
             yield Mounted(node, store, mnt, f"http://{config.grpc.client_address}")

@@ -14,6 +14,7 @@ from litefspy.fuse.mount import serve
 from litefspy.fuse.ops import Operations
 from litefspy.ltx.decoder import verify_file
 from litefspy.store.store import Store
+from tests.mounted import attach_store
 
 # Holds one connection open across the import; reports what it sees before and after.
 HOLDER = r"""
@@ -44,7 +45,7 @@ async def _mounted_primary(nursery: trio.Nursery, root: Path) -> tuple[Store, Pa
     ops = Operations(store)
     mnt = root / "mnt"
     await nursery.start(lambda task_status: serve(ops, mnt, task_status=task_status))
-    store.attach_mount(mnt, ops)
+    await nursery.start(attach_store, store, mnt, ops)
     return store, mnt
 
 

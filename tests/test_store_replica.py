@@ -21,6 +21,7 @@ from litefspy.fuse.mount import serve
 from litefspy.fuse.ops import Operations
 from litefspy.ltx.decoder import verify_file
 from litefspy.store.store import Store
+from tests.mounted import attach_store
 from tests.nodes import NodeProcess
 
 READER = r"""
@@ -82,7 +83,7 @@ async def _mounted_replica(nursery: trio.Nursery, root: Path) -> tuple[Store, Pa
     ops = Operations(store)
     mnt = root / "mnt"
     await nursery.start(lambda task_status: serve(ops, mnt, task_status=task_status))
-    store.attach_mount(mnt, ops)
+    await nursery.start(attach_store, store, mnt, ops)
     return store, mnt
 
 
@@ -185,6 +186,7 @@ async def test_offline_database_is_repaired_by_a_snapshot(node_factory, tmp_path
         store, _mnt = await _mounted_replica(nursery, replica_root)
         await _apply_all(store, "app.db", files[:4])
         nursery.cancel_scope.cancel()
+    store.close()  # a restart of the replica
     newest = sorted((replica_root / "data/dbs/app.db/ltx").glob("*.ltx"))[-1]
     raw = bytearray(newest.read_bytes())
     raw[len(raw) // 2] ^= 0x10

@@ -580,10 +580,14 @@ class Operations(pyfuse3.Operations):
             entry = os.fsencode(mount_name(name, kind))
             _quietly(lambda e=entry: pyfuse3.invalidate_entry(ROOT, e))  # type: ignore[misc]
 
-    @staticmethod
-    def is_own_request(ctx: pyfuse3.RequestContext) -> bool:
-        """The request comes from a thread of this process (litefspy's own locks)."""
-        return os.path.exists(f"/proc/self/task/{ctx.pid}")
+    def is_own_request(self, ctx: pyfuse3.RequestContext) -> bool:
+        """The request comes from litefspy's lock keeper process (store/keeper.py).
+
+        `ctx.pid` is the calling thread's id; the keeper serves each caller on
+        a thread of its own.
+        """
+        pid = self.store.lock_keeper_pid
+        return pid is not None and os.path.exists(f"/proc/{pid}/task/{ctx.pid}")
 
 
 async def _time(op: str, call: Any, observe: Callable[[str, float], None]) -> Any:

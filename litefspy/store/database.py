@@ -388,7 +388,15 @@ class Database:
             result = invalidate()
             return result if isinstance(result, int) else 0
         prev_pos, prev_checksums = self.pos, self.checksums
-        created = self._capture_rollback()
+        try:
+            created = self._capture_rollback()
+        except OSError:
+            # No room to record it (a full disk). If SQLite has just rolled the
+            # transaction back, the pages are the committed ones again: nothing
+            # to record, and the journal may go. Otherwise the commit fails.
+            if self._dirty_pages_changed():
+                raise
+            created = None
         try:
             result = invalidate()
         except OSError:

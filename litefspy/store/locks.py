@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from litefspy.errors import DatabaseError
 from litefspy.sqlite.wal import wal_checksum
@@ -60,6 +61,12 @@ def _ofd_lock(fd: int, ltype: int, start: int, length: int, deadline: float) -> 
             raise LockTimeout(f"timed out waiting for SQLite lock bytes {start}+{length}")
         time.sleep(delay)
         delay = min(delay * 2, 0.005)
+
+
+class Held(Protocol):
+    """Locks held until release() (here, or in the lock keeper process)."""
+
+    def release(self) -> None: ...
 
 
 @dataclass

@@ -44,7 +44,9 @@ from litefspy.store.database import (
     sync_files,
     write_snapshot,
 )
-from litefspy.store.locks import HeldLocks, MountLocks
+from litefspy.store.keeper import LockKeeper
+from litefspy.store.locks import Held, HeldLocks
+from litefspy.store.owner import lock_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +148,7 @@ class Halt:
     name: str
     holder: str
     ttl: float
-    held: HeldLocks
+    held: Held
     wal: bool
     expires: float = 0.0
     active: bool = True
@@ -162,6 +164,8 @@ class Store:
 
     def __init__(self, data_dir: Path, *, compress: bool = True, strict_verify: bool = False):
         self.data_dir = Path(data_dir)
+        # Before anything in data.dir is touched: one node per directory.
+        self._owner_fd = lock_data_dir(self.data_dir)
         self.dbs_dir = self.data_dir / "dbs"
         self.compress = compress
         self.strict_verify = strict_verify
@@ -173,7 +177,7 @@ class Store:
         self._listeners: list[Callable[[CommitInfo], None]] = []
         self.writable = True
         self.tmp_dir = self.data_dir / "tmp"
-        self._locks: MountLocks | None = None
+        self._locks: LockKeeper | None = None
         self._invalidator: CacheInvalidator | None = None
         # Primary: halt locks held for replicas, by database name.
         self.halts: dict[str, Halt] = {}
@@ -197,14 +201,16 @@ class Store:
             log.info("database ready %s", kv(db=entry, pos=db.pos))
 
     def close(self) -> None:
-        if self._locks is not None:
-            self._locks.close()
+        self.detach_mount()
         for db in self._dbs.values():
             try:
                 db.sync_pending()
             except OSError as exc:
                 log.error("could not sync LTX files at shutdown %s: %s", kv(db=db.name), exc)
             db.close()
+        if self._owner_fd >= 0:
+            os.close(self._owner_fd)
+            self._owner_fd = -1
 
     async def run_flusher(self, interval: float = 1.0) -> None:
         """Background task: fsync LTX files of WAL commits within `interval` seconds.
@@ -285,9 +291,25 @@ class Store:
     # --------------------------------------------------------- replication
 
     def attach_mount(self, mountpoint: Path, invalidator: CacheInvalidator) -> None:
-        """Locks are taken through the mount, and kernel caches invalidated, from now on."""
-        self._locks = MountLocks(Path(mountpoint))
+        """Locks are taken through the mount, and kernel caches invalidated, from now on.
+
+        The locks live in a separate keeper process (see keeper.py): this
+        process never makes a system call on its own mount.
+        """
+        self._locks = LockKeeper(Path(mountpoint))
+        self._locks.start()
         self._invalidator = invalidator
+
+    @property
+    def lock_keeper_pid(self) -> int | None:
+        """The process that takes litefspy's locks through the mount (if any)."""
+        return self._locks.pid if self._locks is not None else None
+
+    def detach_mount(self) -> None:
+        """Let go of every lock and descriptor on the mount (before unmounting)."""
+        locks, self._locks = self._locks, None
+        if locks is not None:
+            locks.close()
 
     def incoming_path(self, name: str) -> Path:
         """A fresh temp path, on the data filesystem, to receive an LTX file into."""
@@ -316,9 +338,7 @@ class Store:
         finally:
             await trio.to_thread.run_sync(held.release)
 
-    async def _lock(
-        self, name: str, wal: bool, *, exclusive: bool, writers: bool = False
-    ) -> HeldLocks:
+    async def _lock(self, name: str, wal: bool, *, exclusive: bool, writers: bool = False) -> Held:
         locks = self._locks
         if locks is None:
             return HeldLocks()
@@ -417,7 +437,7 @@ class Store:
         src: Path,
         final: Path,
         current: PageChecksums | None,
-        lock: Callable[[], HeldLocks],
+        lock: Callable[[], Held],
         set_aside: bool,
     ) -> PageChecksums:
         """Worker thread: install the LTX file, then with `lock()` held write its pages.
