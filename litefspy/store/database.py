@@ -24,6 +24,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -730,6 +731,7 @@ class Database:
         with open(src, "rb") as f:
             checksums = PageChecksums.from_file(f, page_size, commit)
         src_fd = os.open(src, os.O_RDONLY)
+        self.begin_apply()
         try:
             ltx = self._write_ltx(
                 page_size,
@@ -749,6 +751,7 @@ class Database:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            self.end_apply()
         finally:
             os.close(src_fd)
         # Frames of the old database must never be read again.
@@ -836,7 +839,7 @@ class Database:
         """Bring the directory to a consistent state at startup (DESIGN.md decision 6)."""
         self.ensure_dirs()
         self._promote_synced_tmp_files()
-        files = self._drop_torn_tail(self.ltx_files())
+        files, dropped = self._drop_torn_tail(self.ltx_files())
         newest = files[-1][2] if files else None
         header = trailer = None
         if newest is not None:
@@ -849,13 +852,19 @@ class Database:
                     "Restore it from a replica's ltx/ directory, or move "
                     f"{self.dir} aside and re-import the database"
                 ) from exc
+        clean = self._take_clean_record()
         journal = self.path(FileKind.JOURNAL)
+        rolled_back = False
         if journal.exists():
             if is_hot_journal(journal, self.db_path):
                 restored = rollback_journal(journal, self.db_path)
-                log.info("rolled back hot journal %s", kv(db=self.name, pages=restored))
+                rolled_back = True
+                log.info(
+                    "rolled back hot journal: its transaction was never committed %s",
+                    kv(db=self.name, pages=restored),
+                )
             journal.unlink()
-        self._recover_wal(header)
+        wal_beyond = self._recover_wal(header)
         self.path(FileKind.SHM).unlink(missing_ok=True)
         if header is None or trailer is None:
             self._adopt_existing_file()
@@ -871,12 +880,148 @@ class Database:
             self.checksums = None
             return
         assert newest is not None
-        if not self._roll_forward(files, header.page_size, trailer.post_apply_checksum):
-            self._reapply_newest(newest, header.page_size, trailer.post_apply_checksum)
+        expected = trailer.post_apply_checksum
+        if self._roll_forward(files, header.page_size, expected):
+            outcome = "history"
+        elif self.apply_marker.exists():
+            # litefspy itself was writing this file's pages (replica apply, import,
+            # forwarded commit) when it stopped: the file is the truth.
+            self._reapply_newest(newest, header.page_size, expected)
+            outcome = "history"
+        elif rolled_back or dropped or wal_beyond or self._is_clean_state(clean, header):
+            # SQLite moved the file on, and its files are the authority for what
+            # it committed: a rolled-back transaction reused free-list pages, or
+            # the LTX files of the last commits were cut short or lost.
+            self._recapture(newest, header.page_size, dropped)
+            outcome = "recaptured"
+        else:
+            # No sign that SQLite changed it: damage (the newest file rewrites
+            # the pages it covers; anything else is refused, untouched).
+            self._reapply_newest(newest, header.page_size, expected)
+            outcome = "history"
+        self.end_apply()
+        if dropped and outcome == "history":
+            log.warning(
+                "transactions lost: their LTX files were cut short by a crash and the "
+                "database files do not have them either (never durable) %s",
+                kv(db=self.name, txids=_txid_ranges(dropped), pos=self.pos),
+            )
         try:
             self._read_db_header(self._db_reader())
         except SQLiteFormatError:
             pass
+
+    def write_clean_record(self) -> None:
+        """At a clean stop: the position the files are at (startup compares it)."""
+        if self.pos.txid == 0:
+            return
+        tmp = self.dir / (CLEAN_RECORD + ".tmp")
+        tmp.write_text(f"{self.pos.txid:016x}/{self.pos.checksum:016x}\n")
+        os.rename(tmp, self.dir / CLEAN_RECORD)
+
+    def _take_clean_record(self) -> Position | None:
+        """The position written at the last clean stop (consumed: a crash leaves none)."""
+        path = self.dir / CLEAN_RECORD
+        try:
+            txid, checksum = path.read_text().strip().split("/")
+            pos = Position(int(txid, 16), int(checksum, 16))
+        except (OSError, ValueError):
+            pos = None
+        path.unlink(missing_ok=True)
+        return pos
+
+    def _is_clean_state(self, clean: Position | None, newest: Header) -> bool:
+        """The node stopped cleanly at a later TXID than the history now ends at, and
+        the database is exactly at that state: the LTX files after it were lost."""
+        if clean is None or clean.txid <= newest.max_txid:
+            return False
+        fd = self._db_reader()
+        size = os.fstat(fd).st_size
+        if size % newest.page_size:
+            return False
+        return self._checksums_of(fd, newest.page_size, size // newest.page_size).total == (
+            clean.checksum
+        )
+
+    @property
+    def apply_marker(self) -> Path:
+        """Exists while litefspy writes the newest LTX file's pages into the database."""
+        return self.ltx_dir / APPLY_MARKER
+
+    def begin_apply(self) -> None:
+        """Before an LTX file is installed whose pages litefspy will write itself.
+
+        Made durable by the directory sync that installs the file. Startup
+        recovery re-applies the newest file only when this exists; otherwise a
+        database that is not at a state of its history was changed by SQLite,
+        and is kept (see _recapture).
+        """
+        self.ensure_dirs()
+        os.close(os.open(self.apply_marker, os.O_WRONLY | os.O_CREAT, 0o644))
+
+    def end_apply(self) -> None:
+        """The pages are written and synced (the marker's removal needs no sync)."""
+        try:
+            os.unlink(self.apply_marker)
+        except FileNotFoundError:
+            pass
+
+    def _recapture(
+        self, newest: Path, history_page_size: int, dropped: list[tuple[int, int]]
+    ) -> None:
+        """The database file is not at any state of its LTX history: record it as it is.
+
+        After a crash SQLite's files say what was committed: a hot journal has been
+        rolled back and the WAL folded in. The file can differ from the history
+        without anything being wrong: SQLite does not journal free-list pages it
+        reuses, so a rolled-back transaction leaves new bytes in them; or the LTX
+        file of the last commit was lost or cut short after the commit reached
+        the database. Rolling the file back to the history would undo a commit,
+        so if SQLite finds the file sound its whole state becomes the next TXID
+        (every page: which ones differ is unknown), which replicas apply like any
+        transaction. A file SQLite finds corrupt is left untouched, offline.
+        """
+        fd = self._db_reader()
+        try:
+            page_size, commit = self._read_db_header(fd)
+        except SQLiteFormatError as exc:
+            raise RecoveryError(
+                f"database {self.name}: {self.db_path} differs from its LTX history and is "
+                f"not a valid SQLite database ({exc}); it stays offline, untouched. Restore it "
+                f"from a replica (`litefspy export` there, then `litefspy import`)"
+            ) from None
+        problem = _quick_check(self.db_path)
+        if problem is not None:
+            raise RecoveryError(
+                f"database {self.name}: {self.db_path} differs from its LTX history (newest "
+                f"{newest.name}) and SQLite's quick_check fails ({problem}); it stays offline, "
+                f"untouched. Restore it from a replica, or move {self.dir} aside"
+            )
+        last = self.pos
+        if page_size != history_page_size:
+            raise RecoveryError(
+                f"database {self.name}: {self.db_path} has page size {page_size}, its LTX "
+                f"history another; it stays offline. Re-import it with `litefspy import`"
+            )
+        self._write_ltx(
+            page_size,
+            commit,
+            self._all_pages(fd, page_size, commit),
+            self._checksums_of(fd, page_size, commit),
+            full=True,
+            notify=False,
+        )
+        why = (
+            f"the LTX files of TXIDs {_txid_ranges(dropped)} were cut short by a crash"
+            if dropped
+            else "free-list pages reused by a rolled-back transaction, or a lost LTX file"
+        )
+        log.warning(
+            "database file differs from its LTX history (%s); SQLite's quick_check passes, so "
+            "its state is recorded as the next transaction; nothing was lost %s",
+            why,
+            kv(db=self.name, after=f"{last.txid:016x}", pos=self.pos),
+        )
 
     def _roll_forward(
         self, files: list[tuple[int, int, Path]], page_size: int, expected: int
@@ -937,35 +1082,45 @@ class Database:
                 )
         fsync_dir(self.ltx_dir)
 
-    def _drop_torn_tail(self, files: list[tuple[int, int, Path]]) -> list[tuple[int, int, Path]]:
-        """Remove newest LTX files that a crash cut short (WAL commits, never synced).
+    def _drop_torn_tail(
+        self, files: list[tuple[int, int, Path]]
+    ) -> tuple[list[tuple[int, int, Path]], list[tuple[int, int]]]:
+        """Remove newest LTX files that a crash cut short; return the rest and what went.
 
-        WAL commits' LTX files are fsynced only when the application syncs its WAL
-        (see _write_ltx), so after a power loss the newest ones may be truncated;
-        their transactions were never acknowledged as durable. A full-length file
-        that fails its checksum is corruption, not a crash: recovery refuses it.
+        A WAL commit's LTX file is fsynced only when the application syncs its
+        WAL (see _write_ltx), so after a power loss the newest ones may be
+        truncated. Whether their transactions survive is for the database files
+        to say (recover() keeps them if SQLite has them). A full-length file that
+        fails its checksum is corruption, not a crash: recovery refuses it.
         """
+        dropped: list[tuple[int, int]] = []
         while files:
-            path = files[-1][2]
+            lo, hi, path = files[-1]
             try:
                 verify_file(path)
-                return files
+                break
             except LTXError as exc:
                 if "truncated:" not in str(exc):
-                    return files
+                    break
                 log.warning(
-                    "dropping an LTX file cut short by a crash (its commit was never synced) %s",
+                    "removing an LTX file cut short by a crash; the database files decide "
+                    "whether its transaction survived %s",
                     kv(db=self.name, file=path.name),
                 )
                 path.unlink()
+                dropped.insert(0, (lo, hi))
                 files = files[:-1]
-        return files
+        return files, dropped
 
-    def _recover_wal(self, header: Header | None) -> None:
-        """Checkpoint the captured WAL frames into the database; set the rest aside."""
+    def _recover_wal(self, header: Header | None) -> bool:
+        """Checkpoint the WAL's committed frames into the database; set the rest aside.
+
+        True if it held committed transactions the LTX history does not have.
+        """
         wal_path = self.path(FileKind.WAL)
+        beyond = False
         if not wal_path.exists():
-            return
+            return beyond
         if wal_path.stat().st_size >= WAL_HEADER_SIZE:
             with open(wal_path, "rb") as f:
                 try:
@@ -981,7 +1136,11 @@ class Database:
             ):
                 captured_end = header.wal_offset + header.wal_size
             if captured_end:
-                self._checkpoint_wal(wal_path, captured_end)
+                # Every committed transaction in this WAL, captured or not: SQLite
+                # would read them all, so they are committed (an LTX file lost or
+                # cut short leaves the database ahead of its history: recover()
+                # records it).
+                beyond = self._checkpoint_wal(wal_path, wal_path.stat().st_size) > captured_end
             elif wal_header is not None and wal_path.stat().st_size > WAL_HEADER_SIZE:
                 aside = self.dir / f"wal.aside-{int(time.time())}"
                 os.rename(wal_path, aside)
@@ -990,8 +1149,11 @@ class Database:
                     kv(db=self.name, path=aside),
                 )
         wal_path.unlink(missing_ok=True)
+        return beyond
 
-    def _checkpoint_wal(self, wal_path: Path, end: int) -> None:
+    def _checkpoint_wal(self, wal_path: Path, end: int) -> int:
+        """Fold the WAL's committed transactions up to `end` in; return where the last ended."""
+        folded = 0
         with open(wal_path, "rb") as wf:
             reader = WALReader(wf)
             page_size = reader.header.page_size
@@ -1002,10 +1164,12 @@ class Database:
                     break
                 latest.update(txn.pages)
                 commit = txn.commit
+                folded = txn.end_offset
             if commit is None:
-                return
+                return 0
             fold_wal_pages(self.db_path, wf.fileno(), latest, page_size, commit)
-        log.info("checkpointed captured WAL frames %s", kv(db=self.name, pages=len(latest)))
+        log.info("checkpointed WAL frames %s", kv(db=self.name, pages=len(latest)))
+        return folded
 
     def _adopt_existing_file(self) -> None:
         """A database file with no LTX history (placed in data.dir by hand): snapshot it."""
@@ -1064,6 +1228,30 @@ class Database:
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+APPLY_MARKER = ".applying"
+CLEAN_RECORD = "clean"
+
+
+def _txid_ranges(ranges: list[tuple[int, int]]) -> str:
+    return ",".join(f"{lo:x}" if lo == hi else f"{lo:x}-{hi:x}" for lo, hi in ranges)
+
+
+def _quick_check(path: Path) -> str | None:
+    """SQLite's quick_check of a database file no one else has open; None when it passes."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    except sqlite3.Error as exc:
+        return str(exc)
+    try:
+        rows = conn.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.Error as exc:
+        return str(exc)
+    finally:
+        conn.close()
+    result = "; ".join(str(r[0]) for r in rows[:3])
+    return None if result == "ok" else result
 
 
 def syncfs(fd: int) -> None:

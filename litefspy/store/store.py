@@ -205,6 +205,7 @@ class Store:
         for db in self._dbs.values():
             try:
                 db.sync_pending()
+                db.write_clean_record()
             except OSError as exc:
                 log.error("could not sync LTX files at shutdown %s: %s", kv(db=db.name), exc)
             db.close()
@@ -455,6 +456,7 @@ class Store:
             if db.needs_settling():
                 db.settle(verify=False)
             after = self._write_applied(db, final, header, trailer, current)
+            db.end_apply()
             self._after_apply(db.name, wal)
             return after
         finally:
@@ -496,6 +498,7 @@ class Store:
             else:
                 for p in old:
                     p.unlink(missing_ok=True)
+        db.begin_apply()
         os.rename(src, final)
         fsync_dir(db.ltx_dir)
 
