@@ -216,7 +216,8 @@ def test_a_node_never_replicates_from_itself(node_factory) -> None:
     node.stop(signal.SIGINT)
 
 
-def test_offline_database_on_the_replica_is_left_alone(node_factory) -> None:
+def test_offline_database_on_the_replica_repairs_itself_from_the_primary(node_factory) -> None:
+    """The primary holds a good copy: the replica takes a snapshot, keeping its own aside."""
     primary = node_factory("primary").start()
     replica = replica_of(node_factory, primary, "replica").start()
     conns = {}
@@ -232,11 +233,17 @@ def test_offline_database_on_the_replica_is_left_alone(node_factory) -> None:
         conn.execute("INSERT INTO t VALUES (1)")
         conn.close()
     replica.start()
-    wait_same_pos(primary, [replica], "b.db")
-    time.sleep(0.5)
+    for name in ("a.db", "b.db"):
+        wait_same_pos(primary, [replica], name)
+        assert dump(replica, name) == dump(primary, name)
+        assert integrity(replica, name) == "ok"
     log = replica.log_path.read_text()
     assert "database offline" in log
-    assert "cannot apply" not in log
-    assert "sending snapshot" not in primary.log_path.read_text()
-    assert fetch_status(replica.url).replication.apply_errors == 0
-    assert newest.read_bytes() == b"LTX1" + bytes(200)
+    assert "repairing offline database from a snapshot db=a.db" in log
+    # What it had is kept aside, the damaged file included, for a person to look at.
+    asides = list((replica.data / "dbs" / "a.db").glob("aside-*"))
+    assert len(asides) == 1
+    assert (asides[0] / newest.name).read_bytes() == b"LTX1" + bytes(200)
+    assert (asides[0] / "database").exists()
+    # Applications retrying an offline database do not flood the log.
+    assert log.count("lookup of offline database") <= 1

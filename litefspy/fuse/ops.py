@@ -106,6 +106,7 @@ class Operations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.request_counts: dict[str, int] = {}
+        self._offline_logged: set[str] = set()
 
     def _count(self, op: str) -> None:
         self.request_counts[op] = self.request_counts.get(op, 0) + 1
@@ -208,7 +209,10 @@ class Operations(pyfuse3.Operations):
             node.lookups += 1
             return attrs
         except NotFoundError as exc:
-            log.error("lookup of offline database %s: %s", text, exc)
+            if db_name not in self._offline_logged:
+                # Once per database: applications retry lookups in a loop.
+                self._offline_logged.add(db_name)
+                log.error("lookup of offline database %s: %s", text, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception as exc:
             raise _errno(exc, "lookup", text) from None

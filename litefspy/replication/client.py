@@ -220,7 +220,11 @@ class ReplicationClient:
             hostname=self.identity.hostname,
             advertise_url=self.identity.advertise_url,
             positions=positions,
-            offline=sorted(self.store.failed),
+            # Offline databases (startup recovery refused them) are not listed
+            # at all: the primary sends each a snapshot, which repairs it and
+            # keeps the old copy aside (Store.apply_ltx). A replica has nothing
+            # a person must rescue first: the primary holds the good copy.
+            offline=[],
         )
 
     async def _stream_once(self) -> None:
