@@ -233,6 +233,14 @@ def test_offline_database_on_the_replica_repairs_itself_from_the_primary(node_fa
         conn.execute("INSERT INTO t VALUES (1)")
         conn.close()
     replica.start()
+
+    def repaired() -> bool:
+        try:
+            return replica.pos("a.db") == primary.pos("a.db")
+        except OSError:
+            return False  # still offline (EIO) until the snapshot is applied
+
+    wait_for(repaired, 30, what="a.db repaired on the replica")
     for name in ("a.db", "b.db"):
         wait_same_pos(primary, [replica], name)
         assert dump(replica, name) == dump(primary, name)
