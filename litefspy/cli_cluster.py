@@ -257,6 +257,30 @@ def render_status(status: dict[str, Any]) -> str:
         lines += _table(rows, ["DATABASE", "TXID", "CHECKSUM", "MODE", "SIZE", "LAG_MS"])
     else:
         lines.append("no databases")
+    backup = status.get("backup")
+    if backup:
+        lines.append("")
+        if not backup["uploading"]:
+            lines.append(f"backup:   {backup['target']} (the primary uploads)")
+        else:
+            lines.append(
+                f"backup:   {backup['target']}; {backup['objects_uploaded']} objects, "
+                f"{backup['bytes_uploaded']} bytes uploaded, {backup['errors']} errors"
+            )
+            rows = [
+                [
+                    d["name"],
+                    d["uploaded_txid"],
+                    str(d["lag_txids"]),
+                    str(d["lag_ms"]),
+                    f"{_ago(d['last_error_age_ms'])}: {d['last_error']}" if d["last_error"] else "",
+                ]
+                for d in backup["databases"]
+            ]
+            if rows:
+                lines += _table(
+                    rows, ["DATABASE", "UPLOADED", "BEHIND_TXIDS", "BEHIND_MS", "LAST ERROR"]
+                )
     if status["role"] == "primary":
         lines.append("")
         if status["replicas"]:

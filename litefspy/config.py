@@ -157,6 +157,25 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class BackupConfig:
+    """`backup:` continuous backup to object storage (off when url is empty)."""
+
+    url: str = ""
+    sync_interval: float = 1.0
+    snapshot_interval: float = 86400.0
+    retention: float = 259200.0
+    restore_if_empty: bool = False
+    s3_endpoint: str = ""
+    s3_region: str = ""
+    s3_force_path_style: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """True when `backup.url` is set."""
+        return bool(self.url)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """`log:` output format and verbosity."""
 
@@ -178,6 +197,7 @@ class Config:
     exit_on_error: bool = True
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<string>"
 
@@ -432,6 +452,7 @@ _TOP_KEYS = (
     "exit-on-error",
     "proxy",
     "metrics",
+    "backup",
     "log",
 )
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -451,6 +472,15 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "lease.etcd": ("endpoints", "key", "ttl"),
     "proxy": ("addr", "target", "db", "max-lag", "passthrough", "always-forward", "forward"),
     "metrics": ("addr",),
+    "backup": (
+        "url",
+        "sync-interval",
+        "snapshot-interval",
+        "retention",
+        "restore-if-empty",
+        "s3",
+    ),
+    "backup.s3": ("endpoint", "region", "force-path-style"),
     "log": ("format", "debug"),
     "exec[]": ("cmd", "if-candidate"),
 }
@@ -647,6 +677,7 @@ def config_from_dict(
         exit_on_error=top.boolean("exit-on-error", True),
         proxy=proxy,
         metrics=MetricsConfig(addr=top.section("metrics", "metrics").address("addr", "")),
+        backup=_parse_backup(top.section("backup", "backup")),
         log=_parse_log(top.section("log", "log")),
         source=source,
     )
@@ -687,6 +718,42 @@ def _parse_lease(lease_s: _Section, grpc_port: int, hostname: str | None) -> Lea
         reconnect_delay=lease_s.duration("reconnect-delay", 1.0),
         demote_delay=lease_s.duration("demote-delay", 10.0),
         etcd=etcd,
+    )
+
+
+def _parse_backup(backup_s: _Section) -> BackupConfig:
+    s3 = backup_s.section("s3", "backup.s3")
+    cfg = BackupConfig(
+        url=backup_s.string("url", ""),
+        sync_interval=backup_s.duration("sync-interval", 1.0, positive=True),
+        snapshot_interval=backup_s.duration("snapshot-interval", 86400.0, positive=True),
+        retention=backup_s.duration("retention", 259200.0, positive=True),
+        restore_if_empty=backup_s.boolean("restore-if-empty", False),
+        s3_endpoint=s3.string("endpoint", ""),
+        s3_region=s3.string("region", ""),
+        s3_force_path_style=s3.boolean("force-path-style", False),
+    )
+    if cfg.url:
+        from litefspy.errors import BackupError
+
+        try:
+            backup_target_spec(cfg)
+        except BackupError as exc:
+            raise backup_s.error("url", str(exc)) from None
+    elif cfg.restore_if_empty:
+        raise backup_s.missing("url", " (needed for restore-if-empty)")
+    return cfg
+
+
+def backup_target_spec(cfg: BackupConfig) -> Any:
+    """The parsed `backup.url` with `backup.s3.*` (a litefspy.backup.target.TargetSpec)."""
+    from litefspy.backup.target import parse_target
+
+    return parse_target(
+        cfg.url,
+        endpoint=cfg.s3_endpoint,
+        region=cfg.s3_region,
+        force_path_style=cfg.s3_force_path_style,
     )
 
 

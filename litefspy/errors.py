@@ -49,3 +49,7 @@ class LeaseError(LitefspyError):
 
 class ReplicationError(LitefspyError):
     """The replication stream failed or carried invalid data."""
+
+
+class BackupError(LitefspyError):
+    """The backup store failed, refused, or holds something unusable."""

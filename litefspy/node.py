@@ -38,6 +38,7 @@ import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -71,6 +72,9 @@ from litefspy.replication.status import (
 from litefspy.store.database import Position
 from litefspy.store.store import Store
 from litefspy.v1 import admin_pb2, replication_pb2
+
+if TYPE_CHECKING:
+    from litefspy.backup.runner import BackupRunner
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +187,13 @@ class Node:
             on_handoff=self._on_handoff_frame,
         )
         self.ops = Operations(self.store, _MountView(self))
+        self.backup: BackupRunner | None = None
+        if config.backup.enabled:
+            from litefspy.backup.runner import BackupRunner
+
+            self.backup = BackupRunner(
+                config.backup, self.store, is_primary=self.is_primary, epoch=self.lease_epoch
+            )
         self.leaser: Leaser | None = None
         self.lease: Lease | None = None
         self.server: ReplicationServer | None = None
@@ -308,6 +319,8 @@ class Node:
 
     async def run(self, command: Sequence[str] | None = None) -> int:
         """Serve until SIGINT/SIGTERM (or until `command` exits); return the exit code."""
+        if self.backup is not None and self.config.backup.restore_if_empty:
+            await self._restore_if_empty(self.backup)
         self.store.open()
         # Only the primary writes: a static candidate is it by configuration (writable
         # from the first access); any other node waits for the lease.
@@ -345,6 +358,9 @@ class Node:
                     )
                     # WAL commits under synchronous=NORMAL leave their LTX fsync to this.
                     nursery.start_soon(self.store.run_flusher)
+                    if self.backup is not None:
+                        self.on_role_change(self.backup.role_changed)
+                        nursery.start_soon(self.backup.run)
                     await nursery.start(services.serve_extras, self)
                     log.info(
                         "node ready %s",
@@ -380,6 +396,34 @@ class Node:
                     await self.leaser.aclose()
             self.store.close()
         return exit_code
+
+    async def _restore_if_empty(self, backup: BackupRunner) -> None:
+        """backup.restore-if-empty: a node with no databases restores every one first.
+
+        The "every machine was lost" path: before this node serves or asks for
+        the lease. An unreachable store stops the start (one line): serving an
+        empty data.dir as if it were the data would be worse.
+        """
+        from litefspy.backup.restore import list_databases, restore_into_data_dir
+
+        dbs = self.store.dbs_dir
+        if any(p.is_dir() for p in dbs.iterdir()):
+            return
+        target = backup.target
+        try:
+            names = await trio.to_thread.run_sync(list_databases, target)
+            for name in names:
+                result = await trio.to_thread.run_sync(restore_into_data_dir, target, dbs, name)
+                log.info(
+                    "restored database from the backup %s",
+                    kv(db=name, txid=f"{result.txid:016x}", objects=result.files),
+                )
+        except LitefspyError as exc:
+            raise LitefspyError(
+                f"backup.restore-if-empty: {exc}; not starting with an empty data.dir"
+            ) from None
+        if not names:
+            log.info("backup.restore-if-empty: the backup holds no databases yet")
 
     def _build_leaser(self) -> Leaser:
         lease = self.config.lease
@@ -1014,10 +1058,12 @@ class Node:
 
     def _grpc_server(self) -> GRPCServer:
         lease = self.config.lease
+        backup = self.backup
         status = StatusService(
             self.store,
             NodeDescription(self.store.node_id, self.hostname, self.advertise_url, lease.type),
             self._role_snapshot,
+            backup=backup.report if backup is not None else lambda: None,
         )
         server = GRPCServer(
             self.config.grpc.listen_address,

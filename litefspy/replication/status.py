@@ -113,11 +113,16 @@ class StatusService:
     """Builds `Admin.Status` replies from the store and the node's `RoleSnapshot`."""
 
     def __init__(
-        self, store: Store, node: NodeDescription, snapshot: Callable[[], RoleSnapshot]
+        self,
+        store: Store,
+        node: NodeDescription,
+        snapshot: Callable[[], RoleSnapshot],
+        backup: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self.store = store
         self.node = node
         self.snapshot = snapshot
+        self.backup = backup
 
     def _halt_holder(self, name: str) -> str | None:
         halt = self.store.halts.get(name)
@@ -210,7 +215,32 @@ class StatusService:
                     ),
                 )
             )
+        backup = self.backup()
+        if backup is not None:
+            reply.backup.CopyFrom(_backup_status(backup))
         return reply
+
+
+def _backup_status(report: dict[str, Any]) -> pb.BackupStatus:
+    out = pb.BackupStatus(
+        target=report["target"],
+        uploading=report["uploading"],
+        bytes_uploaded=report["bytes_uploaded"],
+        objects_uploaded=report["objects_uploaded"],
+        errors=report["errors"],
+    )
+    for name, d in sorted(report["databases"].items()):
+        out.databases.append(
+            pb.BackupDatabaseStatus(
+                name=name,
+                uploaded_txid=int(d["uploaded_txid"], 16),
+                lag_ms=d["lag_ms"],
+                lag_txids=d["lag_txids"],
+                last_error=d["last_error"],
+                last_error_age_ms=d["last_error_age_ms"],
+            )
+        )
+    return out
 
 
 def _facts(db: Database) -> _DatabaseFacts:
@@ -295,5 +325,25 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
             "apply_errors": r.apply_errors,
             "last_error": r.last_error or None,
             "last_error_age_ms": r.last_error_age_ms if r.last_error else None,
+        }
+    if reply.HasField("backup"):
+        b = reply.backup
+        out["backup"] = {
+            "target": b.target,
+            "uploading": b.uploading,
+            "bytes_uploaded": b.bytes_uploaded,
+            "objects_uploaded": b.objects_uploaded,
+            "errors": b.errors,
+            "databases": [
+                {
+                    "name": d.name,
+                    "uploaded_txid": f"{d.uploaded_txid:016x}",
+                    "lag_ms": d.lag_ms,
+                    "lag_txids": d.lag_txids,
+                    "last_error": d.last_error or None,
+                    "last_error_age_ms": d.last_error_age_ms if d.last_error else None,
+                }
+                for d in b.databases
+            ],
         }
     return out

@@ -181,6 +181,9 @@ class Store:
         self._invalidator: CacheInvalidator | None = None
         # Primary: halt locks held for replicas, by database name.
         self.halts: dict[str, Halt] = {}
+        # Backups: the newest TXID uploaded per database. Local retention keeps
+        # every LTX file after it (the backup still needs them).
+        self.keep_from: dict[str, int] = {}
 
     def open(self) -> None:
         """Recover every database found on disk."""
@@ -824,12 +827,16 @@ class Store:
     # ------------------------------------------------------------ retention
 
     def enforce_retention(self, retention: float, now: float | None = None) -> int:
-        """Delete LTX files older than `retention` seconds (the newest always stays)."""
+        """Delete LTX files older than `retention` seconds (the newest always stays,
+        and so does every file a configured backup has not uploaded yet)."""
         cutoff = (time.time() if now is None else now) - retention
         removed = 0
         for db in self.databases():
             files = db.ltx_files()
-            for _, _, path in files[:-1]:
+            keep_from = self.keep_from.get(db.name)
+            for _, max_txid, path in files[:-1]:
+                if keep_from is not None and max_txid > keep_from:
+                    break  # not uploaded to the backup yet
                 try:
                     if path.stat().st_mtime < cutoff:
                         path.unlink()

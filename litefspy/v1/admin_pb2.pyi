@@ -270,6 +270,7 @@ class StatusReply(_message.Message):
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     REPLICATION_FIELD_NUMBER: _builtins.int
     CANDIDATE_FIELD_NUMBER: _builtins.int
+    BACKUP_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"primary", "replica" or "candidate-waiting"."""
     cluster_id: _builtins.str
@@ -295,6 +296,10 @@ class StatusReply(_message.Message):
     def replication(self) -> Global___ReplicationStatus:
         """Set on a replica."""
 
+    @_builtins.property
+    def backup(self) -> Global___BackupStatus:
+        """Set when backup.url is configured."""
+
     def __init__(
         self,
         *,
@@ -307,14 +312,88 @@ class StatusReply(_message.Message):
         cluster_id: _builtins.str = ...,
         replication: Global___ReplicationStatus | None = ...,
         candidate: _builtins.bool = ...,
+        backup: Global___BackupStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "node", b"node", "primary", b"primary", "replication", b"replication"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "lease", b"lease", "node", b"node", "primary", b"primary", "replication", b"replication"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "cluster_id", b"cluster_id", "databases", b"databases", "lease", b"lease", "node", b"node", "primary", b"primary", "replicas", b"replicas", "replication", b"replication", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "candidate", b"candidate", "cluster_id", b"cluster_id", "databases", b"databases", "lease", b"lease", "node", b"node", "primary", b"primary", "replicas", b"replicas", "replication", b"replication", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class BackupDatabaseStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    UPLOADED_TXID_FIELD_NUMBER: _builtins.int
+    LAG_MS_FIELD_NUMBER: _builtins.int
+    LAG_TXIDS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_AGE_MS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    uploaded_txid: _builtins.int
+    """Newest TXID durable in the backup store."""
+    lag_ms: _builtins.int
+    """How long the oldest transaction not uploaded yet has waited (0: none)."""
+    lag_txids: _builtins.int
+    last_error: _builtins.str
+    last_error_age_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        uploaded_txid: _builtins.int = ...,
+        lag_ms: _builtins.int = ...,
+        lag_txids: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        last_error_age_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lag_ms", b"lag_ms", "lag_txids", b"lag_txids", "last_error", b"last_error", "last_error_age_ms", b"last_error_age_ms", "name", b"name", "uploaded_txid", b"uploaded_txid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupDatabaseStatus: _TypeAlias = BackupDatabaseStatus  # noqa: Y015
+
+@_typing.final
+class BackupStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    UPLOADING_FIELD_NUMBER: _builtins.int
+    BYTES_UPLOADED_FIELD_NUMBER: _builtins.int
+    OBJECTS_UPLOADED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    DATABASES_FIELD_NUMBER: _builtins.int
+    target: _builtins.str
+    """The backup URL without query parameters."""
+    uploading: _builtins.bool
+    """Only the primary uploads."""
+    bytes_uploaded: _builtins.int
+    objects_uploaded: _builtins.int
+    errors: _builtins.int
+    @_builtins.property
+    def databases(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackupDatabaseStatus]: ...
+    def __init__(
+        self,
+        *,
+        target: _builtins.str = ...,
+        uploading: _builtins.bool = ...,
+        bytes_uploaded: _builtins.int = ...,
+        objects_uploaded: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        databases: _abc.Iterable[Global___BackupDatabaseStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_uploaded", b"bytes_uploaded", "databases", b"databases", "errors", b"errors", "objects_uploaded", b"objects_uploaded", "target", b"target", "uploading", b"uploading"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupStatus: _TypeAlias = BackupStatus  # noqa: Y015
 
 @_typing.final
 class PromoteRequest(_message.Message):

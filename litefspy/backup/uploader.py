@@ -1,0 +1,405 @@
+"""Continuous backup from the lease holder: upload, compact, snapshot, expire.
+
+Runs only while this node is the primary (BackupRunner starts it on
+promotion and cancels it on demotion). Every sync interval, for each
+database, the LTX files committed since the last upload are merged into one
+object (level 0) and uploaded with put-if-absent; the commit path never waits
+for any of it. Local retention keeps every file not uploaded yet
+(Store.keep_from). Every 5 minutes level-0 objects are merged into level 1,
+every hour level 1 into level 2; a full snapshot goes up every
+snapshot interval (and whenever the local history cannot continue the
+backup's); objects no restore point inside the retention window needs are
+deleted.
+
+A new primary first finds where its own history meets the backup's (object
+names carry each object's last TXID and post-apply checksum) and writes its
+epoch marker there: whatever an older primary uploaded past that point is a
+branch from then on (layout.is_branch), listed and never restored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from litefspy.backup.layout import (
+    COMPACTION,
+    SNAPSHOTS,
+    Listing,
+    Piece,
+    epoch_key,
+    parse_listing,
+    piece_key,
+    plan_compaction,
+    plan_retention,
+    split_branches,
+)
+from litefspy.backup.target import Target
+from litefspy.errors import BackupError, LitefspyError, LTXError
+from litefspy.logs import kv
+from litefspy.ltx.decoder import verify_file
+from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
+from litefspy.ltx.merge import merge_files
+from litefspy.store.database import Position
+from litefspy.store.store import Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class DatabaseBackup:
+    """What the uploader knows about one database's backup."""
+
+    uploaded: Position | None = None  # newest position in the store (None: not loaded)
+    uploaded_ms: int = 0  # when that upload finished (wall clock)
+    marked_epoch: int = 0  # epoch whose marker this node wrote
+    last_snapshot_ms: int = 0
+    last_snapshot_txid: int = 0
+    pending_since_ms: int = 0  # when the oldest not-uploaded commit was first seen
+    last_error: str = ""
+    last_error_ms: int = 0
+
+
+@dataclass
+class BackupTotals:
+    bytes_uploaded: int = 0
+    objects_uploaded: int = 0
+    errors: int = 0
+    last_compaction_ms: int = 0
+    per_db: dict[str, DatabaseBackup] = field(default_factory=dict)
+
+
+def _read_header(path: Path) -> Header:
+    with open(path, "rb") as f:
+        return Header.decode(f.read(HEADER_SIZE))
+
+
+def _read_trailer(path: Path) -> Trailer:
+    with open(path, "rb") as f:
+        f.seek(-TRAILER_SIZE, os.SEEK_END)
+        return Trailer.decode(f.read(TRAILER_SIZE))
+
+
+class Uploader:
+    """The primary's backup work for every database of `store` (see module doc)."""
+
+    def __init__(
+        self,
+        store: Store,
+        target: Target,
+        *,
+        epoch: Callable[[], int],
+        sync_interval: float = 1.0,
+        snapshot_interval: float = 86400.0,
+        retention: float = 259200.0,
+        clock: Clock = time.time,
+        totals: BackupTotals | None = None,
+    ) -> None:
+        self.store = store
+        self.target = target
+        self.epoch = epoch
+        self.sync_interval = sync_interval
+        self.snapshot_interval = snapshot_interval
+        self.retention = retention
+        self.clock = clock
+        self.totals = totals if totals is not None else BackupTotals()
+        self._next_compaction = {level: 0.0 for level in COMPACTION}
+        self._next_retention = 0.0
+
+    def _state(self, name: str) -> DatabaseBackup:
+        return self.totals.per_db.setdefault(name, DatabaseBackup())
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # ------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        """Upload every sync interval until cancelled (demotion, shutdown)."""
+        for state in self.totals.per_db.values():
+            state.uploaded = None  # reload: another primary may have uploaded meanwhile
+            state.marked_epoch = 0
+        while True:
+            await self.sync_all()
+            await self.maintain()
+            await trio.sleep(self.sync_interval)
+
+    async def sync_all(self) -> None:
+        """One upload pass over every database; errors are recorded, never raised."""
+        for db in self.store.databases():
+            state = self._state(db.name)
+            try:
+                await self.sync_database(db.name)
+                state.last_error = ""
+            except (BackupError, LTXError, OSError, LitefspyError) as exc:
+                self._failed(db.name, state, exc)
+
+    def _failed(self, name: str, state: DatabaseBackup, exc: BaseException) -> None:
+        self.totals.errors += 1
+        message = str(exc)
+        if message != state.last_error:
+            log.warning("backup failed; will retry %s: %s", kv(db=name), message)
+        state.last_error = message
+        state.last_error_ms = self._now_ms()
+
+    async def sync_database(self, name: str) -> None:
+        db = self.store.get_if_online(name)
+        if db is None or db.pos.txid == 0:
+            return
+        state = self._state(name)
+        if state.uploaded is None or state.marked_epoch != self.epoch():
+            await self._adopt(name, state)
+        assert state.uploaded is not None
+        pos = db.pos
+        if pos == state.uploaded:
+            state.pending_since_ms = 0
+            self.store.keep_from[name] = pos.txid
+            return
+        if not state.pending_since_ms:
+            state.pending_since_ms = self._now_ms()
+        files = [f for f in db.ltx_files() if f[1] > state.uploaded.txid and f[1] <= pos.txid]
+        due = self._now_ms() - state.last_snapshot_ms >= self.snapshot_interval * 1000
+        if due or not self._continues(files, state.uploaded):
+            await self._upload_snapshot(name, state)
+        else:
+            await self._upload_range(name, state, [p for _, _, p in files])
+        state.pending_since_ms = 0 if state.uploaded == db.pos else self._now_ms()
+
+    @staticmethod
+    def _continues(files: list[tuple[int, int, Path]], uploaded: Position) -> bool:
+        if not files or files[0][0] != uploaded.txid + 1:
+            return False
+        for (_, hi, _), (lo, _, _) in itertools.pairwise(files):
+            if lo != hi + 1:
+                return False
+        header = _read_header(files[0][2])
+        return not header.is_snapshot and header.pre_apply_checksum == uploaded.checksum
+
+    # ------------------------------------------------------ adopting a backup
+
+    async def _adopt(self, name: str, state: DatabaseBackup) -> None:
+        """Load where the backup of `name` stands; mark this primary's epoch there."""
+        listing = await self._listing(name)
+        main, _ = split_branches(listing)
+        epoch = self.epoch()
+        ends = {p.max_txid: p.checksum for p in main}
+        fork = self._fork_point(name, ends)
+        if not any(m.epoch == epoch for m in listing.marks):
+            await trio.to_thread.run_sync(
+                self.target.put_new, epoch_key(name, epoch, fork.txid, fork.checksum), b""
+            )
+            listing = await self._listing(name)
+            main, _ = split_branches(listing)
+        on_history = [p for p in main if p.max_txid <= fork.txid]
+        newest = max(on_history, key=lambda p: (p.max_txid, p.epoch), default=None)
+        state.uploaded = Position(newest.max_txid, newest.checksum) if newest else Position(0, 0)
+        snaps = [p for p in on_history if p.is_snapshot]
+        last_snap = max(snaps, key=lambda p: p.timestamp_ms, default=None)
+        state.last_snapshot_ms = last_snap.timestamp_ms if last_snap else 0
+        state.last_snapshot_txid = last_snap.max_txid if last_snap else 0
+        state.marked_epoch = epoch
+        log.info(
+            "backup of database continues %s",
+            kv(db=name, uploaded=f"{state.uploaded.txid:016x}", epoch=epoch),
+        )
+
+    def _fork_point(self, name: str, ends: dict[int, int]) -> Position:
+        """The newest position both this node's history and the backup have."""
+        db = self.store.get_if_online(name)
+        assert db is not None
+        if not ends:
+            return Position(0, 0)  # an empty backup: this history is all there is
+        if ends.get(db.pos.txid) == db.pos.checksum:
+            return db.pos
+        for _, hi, path in reversed(db.ltx_files()):
+            if hi in ends:
+                try:
+                    if _read_trailer(path).post_apply_checksum == ends[hi]:
+                        return Position(hi, ends[hi])
+                except (OSError, LTXError):
+                    continue
+        # Nothing in common that can be shown: fork here; a snapshot follows.
+        return db.pos
+
+    async def _listing(self, name: str) -> Listing:
+        objects = await trio.to_thread.run_sync(self.target.objects, f"{name}/")
+        return parse_listing(name, objects)
+
+    # ---------------------------------------------------------- uploading
+
+    async def _upload_range(self, name: str, state: DatabaseBackup, files: list[Path]) -> None:
+        tmp = self.store.tmp_dir / f"backup-{name}-{secrets.token_hex(4)}.ltx"
+
+        def merge() -> tuple[Header, Trailer]:
+            try:
+                with open(tmp, "wb") as f:
+                    header, trailer = merge_files(files, f, tmp_dir=self.store.tmp_dir)
+                verify_file(tmp)
+                return header, trailer
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+        header, trailer = await trio.to_thread.run_sync(merge)
+        try:
+            key = piece_key(
+                name,
+                "l0",
+                lo=header.min_txid,
+                hi=header.max_txid,
+                epoch=self.epoch(),
+                ts=header.timestamp,
+                post=trailer.post_apply_checksum,
+            )
+            await self._put(key, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._uploaded(name, state, Position(header.max_txid, trailer.post_apply_checksum))
+
+    async def _upload_snapshot(self, name: str, state: DatabaseBackup) -> None:
+        path = await self.store.snapshot(name)
+        try:
+            header = await trio.to_thread.run_sync(_read_header, path)
+            trailer = await trio.to_thread.run_sync(_read_trailer, path)
+            key = piece_key(
+                name,
+                SNAPSHOTS,
+                lo=1,
+                hi=header.max_txid,
+                epoch=self.epoch(),
+                ts=header.timestamp or self._now_ms(),
+                post=trailer.post_apply_checksum,
+            )
+            await self._put(key, path)
+        finally:
+            path.unlink(missing_ok=True)
+        state.last_snapshot_ms = self._now_ms()
+        state.last_snapshot_txid = header.max_txid
+        self._uploaded(name, state, Position(header.max_txid, trailer.post_apply_checksum))
+        log.info("backup snapshot uploaded %s", kv(db=name, txid=f"{header.max_txid:016x}"))
+
+    async def _put(self, key: str, path: Path) -> None:
+        def put() -> tuple[bool, int]:
+            return self.target.put_new(key, path), path.stat().st_size
+
+        created, size = await trio.to_thread.run_sync(put)
+        if created:
+            self.totals.bytes_uploaded += size
+            self.totals.objects_uploaded += 1
+
+    def _uploaded(self, name: str, state: DatabaseBackup, pos: Position) -> None:
+        state.uploaded = pos
+        state.uploaded_ms = self._now_ms()
+        # Local retention may now let go of the files up to here.
+        self.store.keep_from[name] = pos.txid
+
+    # ---------------------------------------------- compaction and retention
+
+    async def maintain(self) -> None:
+        """Compact and expire when due (errors recorded per database, never raised)."""
+        now = self.clock()
+        due_levels = [lv for lv, at in self._next_compaction.items() if now >= at]
+        expire = now >= self._next_retention
+        if not due_levels and not expire:
+            return
+        for level in due_levels:
+            self._next_compaction[level] = now + COMPACTION[level][1]
+        if expire:
+            self._next_retention = now + COMPACTION["l1"][1]
+        for db in self.store.databases():
+            state = self._state(db.name)
+            try:
+                for level in due_levels:
+                    await self.compact(db.name, level)
+                if expire:
+                    await self.expire(db.name)
+            except (BackupError, LTXError, OSError) as exc:
+                self._failed(db.name, state, exc)
+        self.totals.last_compaction_ms = self._now_ms()
+
+    async def compact(self, name: str, level: str) -> Piece | None:
+        """Merge the pending run of lower-level pieces of `name` into one `level` piece."""
+        main, _ = split_branches(await self._listing(name))
+        run = plan_compaction(main, level)
+        if not run:
+            return None
+        work = self.store.tmp_dir / f"compact-{name}-{secrets.token_hex(4)}"
+        work.mkdir(parents=True)
+        try:
+            paths = []
+            for i, piece in enumerate(run):
+                local = work / f"{i:06d}.ltx"
+                await trio.to_thread.run_sync(self.target.get_to, piece.key, local)
+                paths.append(local)
+            out = work / "merged.ltx"
+
+            def merge() -> tuple[Header, Trailer]:
+                with open(out, "wb") as f:
+                    result = merge_files(paths, f, tmp_dir=work)
+                verify_file(out)
+                return result
+
+            header, trailer = await trio.to_thread.run_sync(merge)
+            key = piece_key(
+                name,
+                level,
+                lo=header.min_txid,
+                hi=header.max_txid,
+                epoch=self.epoch(),
+                ts=header.timestamp,
+                post=trailer.post_apply_checksum,
+            )
+            await self._put(key, out)
+        finally:
+            for p in work.iterdir():
+                p.unlink()
+            work.rmdir()
+        span = f"{run[0].min_txid:x}-{run[-1].max_txid:x}"
+        log.info("backup compacted %s", kv(db=name, level=level, pieces=len(run), txids=span))
+        return Piece(
+            header.min_txid,
+            header.max_txid,
+            level,
+            self.epoch(),
+            header.timestamp,
+            trailer.post_apply_checksum,
+            key,
+        )
+
+    async def expire(self, name: str) -> int:
+        """Delete what no restore point inside the retention window needs."""
+        listing = await self._listing(name)
+        doomed = plan_retention(listing, self._now_ms(), int(self.retention * 1000))
+        if doomed:
+            await trio.to_thread.run_sync(self.target.delete, [p.key for p in doomed])
+            log.info("backup retention removed objects %s", kv(db=name, count=len(doomed)))
+        return len(doomed)
+
+    # --------------------------------------------------------------- status
+
+    def status(self) -> dict[str, dict[str, int | str]]:
+        """Per database: uploaded TXID, lag (ms and TXIDs), last error and its age."""
+        now = self._now_ms()
+        out: dict[str, dict[str, int | str]] = {}
+        for db in self.store.databases():
+            state = self._state(db.name)
+            uploaded = state.uploaded.txid if state.uploaded else 0
+            behind = max(db.pos.txid - uploaded, 0) if state.uploaded else db.pos.txid
+            out[db.name] = {
+                "uploaded_txid": f"{uploaded:016x}",
+                "lag_txids": behind,
+                "lag_ms": now - state.pending_since_ms if behind and state.pending_since_ms else 0,
+                "last_error": state.last_error,
+                "last_error_age_ms": now - state.last_error_ms if state.last_error else 0,
+            }
+        return out
