@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import MODES, connect, dump, replica_of, status, wait_same_pos
+from tests.etcd_server import etcd_shared_fixture  # noqa: F401
 from tests.nodes import NodeProcess, wait_for
 from tests.s3_server import SeaweedServer, s3_server  # noqa: F401
 
@@ -272,3 +273,125 @@ def test_s3_backup_survives_a_store_outage(
     res = cli("restore", "--url", url, "--db", "app.db", "-o", str(out), env=env)
     assert res.returncode == 0, res.stderr
     assert _dump_file(out) == during
+
+
+def test_compacted_objects_restore_the_same_states(node_factory, tmp_path: Path) -> None:
+    """l0 objects merged into l1 (as the primary does every 5 minutes): restores use
+    the merged object, give the same content, and every l0 point stays restorable."""
+    import trio
+
+    from litefspy.backup.target import Target, parse_target
+    from litefspy.backup.uploader import Uploader
+    from litefspy.store.store import Store
+
+    url = f"file://{tmp_path}/backup"
+    primary = _backup_node(node_factory, url).start()
+    states = _history(primary, "delete", 7)
+    wait_backed_up(primary, "app.db")
+    primary.stop()
+    store = Store(tmp_path / "compactor")
+    uploader = Uploader(store, Target(parse_target(url)), epoch=lambda: 1)
+    piece = trio.run(uploader.compact, "app.db", "l1")
+    assert piece is not None and piece.level == "l1"
+    assert piece.max_txid == states[-1][0]
+    assert trio.run(uploader.compact, "app.db", "l1") is None  # nothing left to merge
+    store.close()
+    out = tmp_path / "r.db"
+    res = cli("restore", "--url", url, "--db", "app.db", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "from 2 objects" in res.stdout  # the snapshot and the l1 object
+    assert _dump_file(out) == states[-1][2]
+    for txid, _, expected in states[2:-1]:
+        res = cli(
+            "restore",
+            "--url",
+            url,
+            "--db",
+            "app.db",
+            "-o",
+            str(out),
+            "--force",
+            "--txid",
+            f"{txid:x}",
+        )
+        assert res.returncode == 0, res.stderr
+        assert _dump_file(out) == expected
+
+
+def test_failover_continues_the_backup_and_a_lost_cluster_comes_back(
+    node_factory,
+    tmp_path: Path,
+    etcd_shared,
+    s3_server: SeaweedServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three nodes on etcd backing up to S3: kill -9 the primary under writes; the new
+    primary continues the same backup (every write acknowledged more than
+    sync-interval + 1 s before the kill is restorable); then every data.dir is
+    wiped and the cluster comes back from the backup (restore-if-empty)."""
+    import shutil
+    import uuid
+
+    from tests.cluster import Writer, etcd_node, first_writable, role, values, wait_role
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    url = s3_server.url("failover")
+    backup = (
+        f"backup:\n  url: {json.dumps(url)}\n  sync-interval: 200ms\n  restore-if-empty: true\n"
+    )
+    key = f"backup/{uuid.uuid4().hex}/primary"
+    nodes = [
+        etcd_node(node_factory, etcd_shared.url, key, name, config_extra=backup)
+        for name in ("a", "b", "c")
+    ]
+    nodes[0].start()
+    wait_role(nodes[0], "primary")
+    for n in nodes[1:]:
+        n.start()
+    conn = connect(nodes[0].db("app.db"), "wal")
+    conn.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+    conn.close()
+    with Writer(nodes[0].db("app.db"), start=1) as writer:
+        wait_for(lambda: len(writer.acked) >= 200, 30, what="writes on the first primary")
+        killed_at = time.monotonic()
+        nodes[0].kill()
+    must_have = {
+        v for v, at in zip(writer.acked, writer.acked_at, strict=True) if at < killed_at - 1.2
+    }
+    survivors = nodes[1:]
+    primary = first_writable(survivors, "app.db", 100_000, 30)
+    with Writer(primary.db("app.db"), start=200_000) as writer2:
+        wait_for(lambda: len(writer2.acked) >= 50, 30, what="writes on the new primary")
+    wait_backed_up(primary, "app.db", timeout=60)
+    out = tmp_path / "latest.db"
+    res = cli("restore", "--url", url, "--db", "app.db", "-o", str(out), env=s3_server.env)
+    assert res.returncode == 0, res.stderr
+    conn = sqlite3.connect(out)
+    restored = {r[0] for r in conn.execute("SELECT x FROM t")}
+    conn.close()
+    assert must_have <= restored
+    assert set(writer2.acked) <= restored
+    assert restored == set(values(primary, "app.db"))
+    # Both epochs' markers are there; the backup has one history.
+    listing = json.loads(cli("backup", "list", "--url", url, "--json", env=s3_server.env).stdout)
+    assert listing[0]["newest"]["txid"] == f"{primary.pos('app.db')[0]:016x}"
+
+    # Every machine is lost: the cluster comes back from the backup.
+    expected = dump(primary, "app.db")
+    for n in nodes:
+        n.stop()
+        shutil.rmtree(n.data, ignore_errors=True)
+    for n in nodes:
+        n.start()
+    back = first_writable(nodes, "app.db", 300_000, 30)
+    others = [n for n in nodes if n is not back]
+    for n in others:
+        wait_role(n, "replica")
+    conn = connect(back.db("app.db"))
+    conn.execute("DELETE FROM t WHERE x = 300000")
+    conn.close()
+    wait_same_pos(back, others, "app.db")
+    for n in nodes:
+        assert dump(n, "app.db") == expected, n.name
+        assert role(n) in ("primary", "replica")
