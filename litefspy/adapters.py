@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -158,6 +158,9 @@ class NodeMetricsSource:
 
     def lease_epoch(self) -> int:
         return self.node.lease_epoch()
+
+    def backup_report(self) -> dict[str, Any] | None:
+        return self.node.backup_report()
 
     def stream_count(self) -> int:
         return self.node.stream_count()

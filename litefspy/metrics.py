@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, Histogram
@@ -79,6 +79,8 @@ class NodeMetricsSource(Protocol):
     def stream_count(self) -> int: ...
 
     def fuse_request_counts(self) -> Mapping[str, int]: ...
+
+    def backup_report(self) -> Mapping[str, Any] | None: ...
 
 
 class NodeCollector(Collector):
@@ -147,6 +149,49 @@ class NodeCollector(Collector):
         for op, count in sorted(source.fuse_request_counts().items()):
             requests.add_metric([op], float(count))
         yield requests
+        backup = source.backup_report()
+        if backup is not None:
+            yield from _backup_metrics(backup)
+
+
+def _backup_metrics(report: Mapping[str, Any]) -> Iterable[Metric]:
+    """Backup families (backup.url set): per database while uploading, totals always."""
+    uploaded = GaugeMetricFamily(
+        "litefspy_backup_uploaded_txid", "Newest TXID durable in the backup.", labels=["db"]
+    )
+    lag = GaugeMetricFamily(
+        "litefspy_backup_lag_seconds",
+        "How long the oldest transaction not in the backup yet has waited.",
+        labels=["db"],
+    )
+    behind = GaugeMetricFamily(
+        "litefspy_backup_lag_txids", "Transactions not in the backup yet.", labels=["db"]
+    )
+    for name, d in sorted(report["databases"].items()):
+        uploaded.add_metric([name], float(int(d["uploaded_txid"], 16)))
+        lag.add_metric([name], d["lag_ms"] / 1000.0)
+        behind.add_metric([name], float(d["lag_txids"]))
+    yield from (uploaded, lag, behind)
+    yield CounterMetricFamily(
+        "litefspy_backup_bytes_uploaded",
+        "Bytes uploaded to the backup.",
+        value=float(report["bytes_uploaded"]),
+    )
+    yield CounterMetricFamily(
+        "litefspy_backup_objects_uploaded",
+        "Objects uploaded to the backup.",
+        value=float(report["objects_uploaded"]),
+    )
+    yield CounterMetricFamily(
+        "litefspy_backup_errors",
+        "Failed backup uploads, compactions and expiries.",
+        value=float(report["errors"]),
+    )
+    yield GaugeMetricFamily(
+        "litefspy_backup_last_compaction_timestamp_seconds",
+        "When the backup was last compacted (0: not yet).",
+        value=report["last_compaction_ms"] / 1000.0,
+    )
 
 
 class Metrics:

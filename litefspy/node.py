@@ -38,7 +38,7 @@ import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -263,6 +263,10 @@ class Node:
     def lag_ms(self) -> int:
         """Milliseconds since the last frame from the primary (0 on the primary)."""
         return 0 if self.is_primary() else self.client.lag_ms()
+
+    def backup_report(self) -> dict[str, Any] | None:
+        """The backup's state for status and metrics; None when backup.url is unset."""
+        return self.backup.report() if self.backup is not None else None
 
     def lease_epoch(self) -> int:
         """The fencing epoch of the current lease (0 if unknown)."""

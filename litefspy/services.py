@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -46,6 +46,9 @@ class NodeView(Protocol):
 
     def replica_count(self) -> int:
         """Replicas connected to this node (0 on a replica)."""
+
+    def backup_report(self) -> dict[str, Any] | None:
+        """The backup's state (litefspy.backup.runner.BackupRunner.report); None if off."""
 
     def on_role_change(self, callback: Callable[[str], None]) -> None:
         """Call `callback(role)` ("primary" | "replica" | "candidate-waiting") on every change."""

@@ -395,3 +395,24 @@ def test_failover_continues_the_backup_and_a_lost_cluster_comes_back(
     for n in nodes:
         assert dump(n, "app.db") == expected, n.name
         assert role(n) in ("primary", "replica")
+
+
+def test_backup_in_status_table_and_metrics(node_factory, tmp_path: Path) -> None:
+    import httpx
+
+    from tests.nodes import free_port
+
+    port = free_port()
+    url = f"file://{tmp_path}/backup"
+    primary = _backup_node(node_factory, url, extra=f"metrics:\n  addr: 127.0.0.1:{port}\n").start()
+    _history(primary, "wal", 3)
+    wait_backed_up(primary, "app.db")
+    txid = primary.pos("app.db")[0]
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert f'litefspy_backup_uploaded_txid{{db="app.db"}} {float(txid)}' in body
+    assert 'litefspy_backup_lag_txids{db="app.db"} 0.0' in body
+    assert "litefspy_backup_objects_uploaded_total" in body
+    table = cli("status", "--url", primary.url)
+    assert table.returncode == 0, table.stderr
+    assert f"backup:   file://{tmp_path}/backup" in table.stdout
+    assert f"app.db    {txid:016x}  0" in table.stdout

@@ -39,6 +39,9 @@ class FakeSource:
     def role_is_primary(self) -> bool:
         return self.primary
 
+    def backup_report(self) -> None:
+        return None
+
     def lease_epoch(self) -> int:
         return self.epoch
 

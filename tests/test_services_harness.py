@@ -70,6 +70,9 @@ class FakeNode:
     def lag_ms(self) -> int:
         return self.lag
 
+    def backup_report(self) -> None:
+        return None
+
     def lease_epoch(self) -> int:
         return self.epoch
 

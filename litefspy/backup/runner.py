@@ -84,5 +84,6 @@ class BackupRunner:
             "bytes_uploaded": totals.bytes_uploaded,
             "objects_uploaded": totals.objects_uploaded,
             "errors": totals.errors,
+            "last_compaction_ms": totals.last_compaction_ms,
             "databases": self.uploader.status() if self.is_primary() else {},
         }
