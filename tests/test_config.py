@@ -173,6 +173,33 @@ def test_repository_example_file() -> None:
     assert cfg.source.endswith("fuse.yml")
 
 
+def test_repository_example_backup_block_parses() -> None:
+    """The commented-out backup: block of fuse.yml, uncommented, is a valid config."""
+    text = (REPO / "fuse.yml").read_text()
+    lines = text.splitlines()
+    start = lines.index("# backup:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#") or line == "#":
+            break
+        block.append(line[2:].split("  #", 1)[0].rstrip())
+    cfg = parse(minimal_with("\n".join(block) + "\n"), hostname="h")
+    assert cfg.backup.url == "s3://my-bucket/my-app"
+    assert (cfg.backup.sync_interval, cfg.backup.snapshot_interval) == (1.0, 86400.0)
+    assert cfg.backup.retention == 259200.0 and cfg.backup.restore_if_empty is False
+    assert cfg.backup.s3_endpoint == "http://127.0.0.1:8333"
+    assert cfg.backup.s3_force_path_style is True
+
+
+def test_backup_url_mistakes_are_named() -> None:
+    with pytest.raises(ConfigError, match="backup.url: .*unknown scheme 'gs'"):
+        parse(minimal_with("backup: {url: 'gs://b/p'}\n"))
+    with pytest.raises(ConfigError, match='missing required key "backup.url"'):
+        parse(minimal_with("backup: {restore-if-empty: true}\n"))
+    with pytest.raises(ConfigError, match='unknown key "backup.s3.bucket"'):
+        parse(minimal_with("backup: {url: 's3://b/p', s3: {bucket: x}}\n"))
+
+
 def test_from_dict() -> None:
     cfg = Config.from_dict(
         {"fuse": {"dir": "/m"}, "data": {"dir": "/d"}, "lease": {"type": "static"}},
