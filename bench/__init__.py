@@ -27,6 +27,7 @@ def _lazy(module: str) -> Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {
+    "backup": _lazy("bench.backup"),
     "codec": _lazy("bench.codec"),
     "failover": _lazy("bench.failover"),
     "fs": _lazy("bench.fs"),

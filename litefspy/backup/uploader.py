@@ -129,10 +129,14 @@ class Uploader:
         for state in self.totals.per_db.values():
             state.uploaded = None  # reload: another primary may have uploaded meanwhile
             state.marked_epoch = 0
+        # A fixed cadence (start to start): a commit waits at most one interval
+        # plus one upload, however long the previous pass took.
+        tick = trio.current_time()
         while True:
             await self.sync_all()
             await self.maintain()
-            await trio.sleep(self.sync_interval)
+            tick = max(tick + self.sync_interval, trio.current_time())
+            await trio.sleep_until(tick)
 
     async def sync_all(self) -> None:
         """One upload pass over every database; errors are recorded, never raised."""
