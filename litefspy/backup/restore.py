@@ -11,13 +11,15 @@ when complete: an interrupted restore leaves nothing at PATH.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from litefspy.backup.layout import (
     Listing,
@@ -30,7 +32,8 @@ from litefspy.backup.layout import (
 )
 from litefspy.backup.target import Target
 from litefspy.errors import BackupError, LTXError
-from litefspy.ltx.apply import apply_files
+from litefspy.ltx.checksum import PageChecksums, page_checksum
+from litefspy.ltx.decoder import Decoder
 from litefspy.ltx.files import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -92,27 +95,101 @@ def restore_database(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.restore-", dir=out.parent))
     try:
-        files: list[Path] = []
-        total = 0
-        for i, piece in enumerate(plan):
-            local = work / f"{i:06d}.ltx"
-            total += target.get_to(piece.key, local, progress)
-            files.append(local)
         db_tmp = work / "database"
-        try:
-            got_txid, checksum = apply_files(db_tmp, files)
-        except LTXError as exc:
-            raise BackupError(f"{db}: backup object is unusable: {exc}") from None
+        got_txid, checksum, total = _apply_pieces(target, db, plan, db_tmp, progress)
         if got_txid != goal:
             raise BackupError(f"{db}: restore reached TXID {got_txid:016x}, not {goal:016x}")
-        with open(db_tmp, "rb+") as f:
-            os.fsync(f.fileno())
         os.replace(db_tmp, out)
         fsync_dir(out.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("restored %s to TXID %016x from %d objects", db, goal, len(plan))
     return RestoreResult(goal, checksum, len(plan), total)
+
+
+class _StreamReader(io.RawIOBase):
+    """A read-only file over an object's download stream (no copy on disk)."""
+
+    def __init__(self, chunks: Iterator[bytes], progress: Progress | None) -> None:
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+        self._progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._buf = memoryview(chunk)
+            if self._progress is not None:
+                self._progress(len(chunk))
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def _apply_pieces(
+    target: Target, db: str, plan: list[Piece], out: Path, progress: Progress | None
+) -> tuple[int, int, int]:
+    """Stream every piece of `plan` into the new database file `out`, in one pass.
+
+    Each object is decoded as it downloads (the decoder checks its page
+    order and, at its end, its file checksum); before its first page it
+    must continue the previous one (TXID and pre-apply checksum), and after
+    its last the database's checksum must be its post-apply checksum. `out`
+    is a private temporary file: anything wrong stops the restore before
+    the caller renames it into place. Returns (TXID, checksum, bytes read).
+    """
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    sums: PageChecksums | None = None
+    txid = 0
+    total = 0
+
+    def counted(n: int) -> None:
+        nonlocal total
+        total += n
+        if progress is not None:
+            progress(n)
+
+    try:
+        for piece in plan:
+            reader = io.BufferedReader(
+                _StreamReader(target.stream(piece.key), counted), buffer_size=1 << 20
+            )
+            try:
+                dec = Decoder(reader)
+                header = dec.header
+                if header.is_snapshot:
+                    sums = PageChecksums(header.page_size)
+                elif sums is None or header.min_txid != txid + 1:
+                    raise LTXError(f"does not continue TXID {txid:016x}")
+                elif header.pre_apply_checksum != sums.total or sums.page_size != header.page_size:
+                    raise LTXError(f"does not continue the checksum {sums.total:016x}")
+                if header.commit == 0:
+                    raise BackupError(f"{db} was deleted at TXID {header.max_txid:016x}")
+                size = header.page_size
+                for pgno, data in dec.pages():
+                    os.pwrite(fd, data, (pgno - 1) * size)
+                    sums.set(pgno, page_checksum(pgno, data))
+                sums.truncate(header.commit)
+                os.ftruncate(fd, header.commit * size)
+                if dec.trailer.post_apply_checksum != sums.total:
+                    raise LTXError(
+                        f"post-apply checksum {dec.trailer.post_apply_checksum:016x} does not "
+                        f"match the restored pages ({sums.total:016x})"
+                    )
+            except LTXError as exc:
+                raise BackupError(f"{db}: backup object {piece.key} is unusable: {exc}") from None
+            txid = header.max_txid
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert sums is not None
+    return txid, sums.total, total
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import trio
 
 from litefspy.backup.target import Target
 from litefspy.backup.uploader import BackupTotals, Uploader
+from litefspy.backup.worker import MergeWorker
 from litefspy.config import BackupConfig, backup_target_spec
 from litefspy.logs import kv
 from litefspy.store.store import Store
@@ -40,6 +41,7 @@ class BackupRunner:
         self.is_primary = is_primary
         self.target = Target(backup_target_spec(config))
         self.totals = BackupTotals()
+        self.worker = MergeWorker()
         self.uploader = Uploader(
             store,
             self.target,
@@ -48,6 +50,7 @@ class BackupRunner:
             snapshot_interval=config.snapshot_interval,
             retention=config.retention,
             totals=self.totals,
+            merge=self.worker.merge,
         )
         self._changed = trio.Event()
 
@@ -58,6 +61,12 @@ class BackupRunner:
 
     async def run(self) -> None:
         """Until cancelled: upload while primary, idle otherwise."""
+        try:
+            await self._run()
+        finally:
+            self.worker.close()
+
+    async def _run(self) -> None:
         while True:
             if not self.is_primary():
                 await self._wait_change()

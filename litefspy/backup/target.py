@@ -163,6 +163,18 @@ class Target:
     def get(self, key: str) -> bytes:
         return self._call(f"download of {key}", lambda: bytes(obstore.get(self.store, key).bytes()))
 
+    def stream(self, key: str) -> Iterator[bytes]:
+        """An object's bytes as they download (errors: BackupError, even mid-stream)."""
+        what = f"download of {key}"
+        chunks = self._call(
+            what, lambda: iter(obstore.get(self.store, key).stream(min_chunk_size=1 << 20))
+        )
+        while True:
+            chunk = self._call(what, lambda: next(chunks, None))
+            if chunk is None:
+                return
+            yield bytes(chunk)
+
     def get_to(self, key: str, out: Path, progress: Callable[[int], None] | None = None) -> int:
         """Stream an object into a file; returns its size."""
 

@@ -43,17 +43,18 @@ from litefspy.backup.layout import (
     split_branches,
 )
 from litefspy.backup.target import Target
+from litefspy.backup.worker import merge_to_file
 from litefspy.errors import BackupError, LitefspyError, LTXError
 from litefspy.logs import kv
-from litefspy.ltx.decoder import verify_file
 from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
-from litefspy.ltx.merge import merge_files
 from litefspy.store.database import Position
 from litefspy.store.store import Store
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+# Merges LTX files into one verified file (backup/worker.py; blocking).
+Merge = Callable[[list[Path], Path, Path], tuple[Header, Trailer]]
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Uploader:
         retention: float = 259200.0,
         clock: Clock = time.time,
         totals: BackupTotals | None = None,
+        merge: Merge = merge_to_file,
     ) -> None:
         self.store = store
         self.target = target
@@ -113,6 +115,7 @@ class Uploader:
         self.retention = retention
         self.clock = clock
         self.totals = totals if totals is not None else BackupTotals()
+        self.merge = merge
         self._next_compaction = {level: 0.0 for level in COMPACTION}
         self._next_retention = 0.0
 
@@ -243,18 +246,7 @@ class Uploader:
 
     async def _upload_range(self, name: str, state: DatabaseBackup, files: list[Path]) -> None:
         tmp = self.store.tmp_dir / f"backup-{name}-{secrets.token_hex(4)}.ltx"
-
-        def merge() -> tuple[Header, Trailer]:
-            try:
-                with open(tmp, "wb") as f:
-                    header, trailer = merge_files(files, f, tmp_dir=self.store.tmp_dir)
-                verify_file(tmp)
-                return header, trailer
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-
-        header, trailer = await trio.to_thread.run_sync(merge)
+        header, trailer = await trio.to_thread.run_sync(self.merge, files, tmp, self.store.tmp_dir)
         try:
             key = piece_key(
                 name,
@@ -346,14 +338,7 @@ class Uploader:
                 await trio.to_thread.run_sync(self.target.get_to, piece.key, local)
                 paths.append(local)
             out = work / "merged.ltx"
-
-            def merge() -> tuple[Header, Trailer]:
-                with open(out, "wb") as f:
-                    result = merge_files(paths, f, tmp_dir=work)
-                verify_file(out)
-                return result
-
-            header, trailer = await trio.to_thread.run_sync(merge)
+            header, trailer = await trio.to_thread.run_sync(self.merge, paths, out, work)
             key = piece_key(
                 name,
                 level,
