@@ -173,11 +173,13 @@ def test_corrupt_or_truncated_object_is_named_and_refused(node_factory, tmp_path
     out = tmp_path / "r.db"
     res = cli("restore", "--url", url, "--db", "app.db", "-o", str(out))
     assert res.returncode == 1
-    assert "backup object is unusable" in res.stderr and res.stderr.count("\n") == 1
+    key = victim.relative_to(tmp_path / "backup").as_posix()
+    assert f"backup object {key} is unusable" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1
     assert not out.exists()
     victim.write_bytes(bytes(raw[: len(raw) // 3]))
     res = cli("restore", "--url", url, "--db", "app.db", "-o", str(out))
-    assert res.returncode == 1 and "truncated" in res.stderr
+    assert res.returncode == 1 and f"{key} is unusable: truncated" in res.stderr, res.stderr
     assert not out.exists() and not list(tmp_path.glob(".r.db.restore-*"))
 
 

@@ -39,6 +39,8 @@ from litefspy.ltx.files import fsync_dir
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+# Pages written per system call while restoring (a snapshot is one long run).
+_RUN_PAGES = 256
 
 
 def list_databases(target: Target) -> list[str]:
@@ -172,9 +174,18 @@ def _apply_pieces(
                 if header.commit == 0:
                     raise BackupError(f"{db} was deleted at TXID {header.max_txid:016x}")
                 size = header.page_size
+                run: list[bytes] = []  # consecutive pages, written with one call
+                start = 0
                 for pgno, data in dec.pages():
-                    os.pwrite(fd, data, (pgno - 1) * size)
+                    if run and (pgno != start + len(run) or len(run) >= _RUN_PAGES):
+                        os.pwrite(fd, b"".join(run), (start - 1) * size)
+                        run = []
+                    if not run:
+                        start = pgno
+                    run.append(data)
                     sums.set(pgno, page_checksum(pgno, data))
+                if run:
+                    os.pwrite(fd, b"".join(run), (start - 1) * size)
                 sums.truncate(header.commit)
                 os.ftruncate(fd, header.commit * size)
                 if dec.trailer.post_apply_checksum != sums.total:
