@@ -11,6 +11,8 @@ business, never hand-written here.
 
 from __future__ import annotations
 
+import queue
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -163,17 +165,45 @@ class Target:
     def get(self, key: str) -> bytes:
         return self._call(f"download of {key}", lambda: bytes(obstore.get(self.store, key).bytes()))
 
-    def stream(self, key: str) -> Iterator[bytes]:
-        """An object's bytes as they download (errors: BackupError, even mid-stream)."""
+    def stream(self, key: str, prefetch: int = 16) -> Iterator[bytes]:
+        """An object's bytes as they download (errors: BackupError, even mid-stream).
+
+        A thread keeps downloading up to `prefetch` MiB ahead of the consumer,
+        so the download (GIL released in obstore) overlaps decoding.
+        """
         what = f"download of {key}"
         chunks = self._call(
             what, lambda: iter(obstore.get(self.store, key).stream(min_chunk_size=1 << 20))
         )
-        while True:
-            chunk = self._call(what, lambda: next(chunks, None))
-            if chunk is None:
-                return
-            yield bytes(chunk)
+        ahead: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+
+        def fetch() -> None:
+            try:
+                for chunk in chunks:
+                    if stop.is_set():
+                        return
+                    ahead.put(bytes(chunk))
+                ahead.put(None)
+            except Exception as exc:
+                ahead.put(exc)
+
+        worker = threading.Thread(target=fetch, daemon=True, name=f"download {key}")
+        worker.start()
+        try:
+            while (item := ahead.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise BackupError(
+                        f"backup store {self.spec.display}: {what} failed: {first_line(item)}"
+                    )
+                yield item
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a put() so the thread can end
+                try:
+                    ahead.get_nowait()
+                except queue.Empty:
+                    worker.join(0.01)
 
     def get_to(self, key: str, out: Path, progress: Callable[[int], None] | None = None) -> int:
         """Stream an object into a file; returns its size."""
