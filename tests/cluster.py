@@ -194,7 +194,6 @@ class Writer:
         self.path = path
         self.next = start
         self.acked: list[int] = []
-        self.acked_at: list[float] = []  # time.monotonic() of each acknowledgement
         self.last_ok = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -205,7 +204,6 @@ class Writer:
                 return
             self.acked.append(self.next)
             self.last_ok = time.monotonic()
-            self.acked_at.append(self.last_ok)
             self.next += 1
             time.sleep(0.002)
 

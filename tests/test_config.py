@@ -192,11 +192,11 @@ def test_repository_example_backup_block_parses() -> None:
 
 
 def test_backup_url_mistakes_are_named() -> None:
-    with pytest.raises(ConfigError, match="backup.url: .*unknown scheme 'gs'"):
+    with pytest.raises(ConfigError, match=r"backup\.url: .*unknown scheme 'gs'"):
         parse(minimal_with("backup: {url: 'gs://b/p'}\n"))
-    with pytest.raises(ConfigError, match='missing required key "backup.url"'):
+    with pytest.raises(ConfigError, match=re.escape('missing required key "backup.url"')):
         parse(minimal_with("backup: {restore-if-empty: true}\n"))
-    with pytest.raises(ConfigError, match='unknown key "backup.s3.bucket"'):
+    with pytest.raises(ConfigError, match=re.escape('unknown key "backup.s3.bucket"')):
         parse(minimal_with("backup: {url: 's3://b/p', s3: {bucket: x}}\n"))
 
 
