@@ -308,23 +308,38 @@ class Operations(pyfuse3.Operations):
         """A name being copied in: the staged file (rsync's temp name), or, for a
         database name, what was there before (None: look it up as usual).
 
-        A copy that was just closed or renamed is being imported: others wait for
-        it (`cp f mnt/x && sqlite3 mnt/x` sees the copy), except litefspy's own
-        lock keeper, which the import itself needs.
+        A copy into a new name that was just closed or renamed is being imported:
+        lookups wait for it (`cp f mnt/x && sqlite3 mnt/x` sees the copy). Over an
+        existing database they do not (the import's lock keeper looks the name up
+        too, and the kernel serialises lookups of one name): opens wait instead.
         """
         if not valid_database_name(copy.name):
             attrs = self._attrs(copy.node)
             copy.node.lookups += 1
             return attrs
-        if copy.finishing and not self.is_own_request(ctx):
+        db = self.store.get(copy.name)
+        exists = db is not None and db.exists()
+        if copy.finishing and not exists and not self.is_own_request(ctx):
             await copy.done.wait()
             return None
-        db = self.store.get(copy.name)
-        if db is None or not db.exists():
-            entry = self._negative()
-            entry.entry_timeout = 0
-            return entry
-        return None
+        if exists or copy.finishing:
+            return None
+        entry = self._negative()
+        entry.entry_timeout = 0
+        return entry
+
+    async def _await_import(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
+        """Opens of a database (or its -pos) wait for a copy into it that was just closed.
+
+        The kernel sends the copier's release before its close() returns, and
+        requests are read in order, so `cp f mnt/x && sqlite3 mnt/x` opens the
+        imported database, even through a cached name.
+        """
+        if isinstance(node.kind, Local) or node.kind in (Special.PRIMARY, Special.LAG):
+            return
+        copy = self._copies.get(node.name)
+        if copy is not None and copy.finishing and not self.is_own_request(ctx):
+            await copy.done.wait()
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -454,6 +469,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self._count("open")
         node = self._node(inode)
+        await self._await_import(node, ctx)
         try:
             if isinstance(node.kind, Special):
                 if self._wants_write(flags):
@@ -913,12 +929,18 @@ class Operations(pyfuse3.Operations):
         that only the loop can answer.
         """
         kinds: list[NodeKind] = [*FileKind, Special.POS]
+        # A copy being imported may have lookups of its name waiting for it, which
+        # hold the directory: its entries are invalidated without waiting for them.
+        importing = name in self._copies
         for kind in kinds:
             node = self.inodes.current(name, kind)
             if node is not None:
                 _quietly(lambda n=node: pyfuse3.invalidate_inode(n.ino))  # type: ignore[misc]
             entry = os.fsencode(mount_name(name, kind))
-            _quietly(lambda e=entry: pyfuse3.invalidate_entry(ROOT, e))  # type: ignore[misc]
+            if importing:
+                pyfuse3.invalidate_entry_async(ROOT, entry, ignore_enoent=True)
+            else:
+                _quietly(lambda e=entry: pyfuse3.invalidate_entry(ROOT, e))  # type: ignore[misc]
 
     def is_own_request(self, ctx: pyfuse3.RequestContext) -> bool:
         """The request comes from litefspy's lock keeper process (store/keeper.py).

@@ -881,7 +881,13 @@ class Store:
         page_size, commit = await trio.to_thread.run_sync(validate_sqlite_file, src)
         db = self.get(name) or self.create(name)
         wal = db.is_wal_mode()
-        held = await self._lock(name, wal, exclusive=True, writers=True)
+        # A new database has no SQLite user to lock out (and the mount may be
+        # holding lookups of its name until the import is done).
+        held = (
+            await self._lock(name, wal, exclusive=True, writers=True)
+            if db.exists()
+            else HeldLocks()
+        )
         try:
             ltx = await trio.to_thread.run_sync(db.import_file, src, page_size, commit)
             await trio.to_thread.run_sync(self._after_apply, name, wal)
