@@ -634,7 +634,8 @@ class Operations(pyfuse3.Operations):
         try:
             await self._import_copy(copy)
         except (LitefspyError, OSError) as exc:
-            log.error("copy into %s refused: %s", copy.name, exc)
+            # The staging path means nothing to the person copying.
+            log.error("copy into %s refused: %s", copy.name, str(exc).replace(f"{copy.path}", "it"))
             if copy.replaces:
                 # The writer's kernel view of the old database (size) is stale.
                 await trio.to_thread.run_sync(self.invalidate_database, copy.name)

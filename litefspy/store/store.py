@@ -122,6 +122,12 @@ def validate_sqlite_file(path: Path) -> tuple[int, int]:
             f"{path} is {size} bytes, not a whole number of {header.page_size}-byte pages "
             "(truncated or not a SQLite database)"
         )
+    pages = size // header.page_size
+    if header.page_count_valid and header.page_count > pages:
+        raise DatabaseError(
+            f"{path} is incomplete: its header says {header.page_count} pages, the file "
+            f"has {pages} (a copy cut short?)"
+        )
     if Path(f"{path}-wal").exists() and Path(f"{path}-wal").stat().st_size > 0:
         raise DatabaseError(f"{path} has a non-empty -wal file; checkpoint it before importing")
     try:
