@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev sqlite3 etcd-server nftables iproute2
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev sqlite3 etcd-server nftables iproute2 rsync
 PYTEST_ARGS ?=
 
 .PHONY: all deps system-deps venv run test lint fmt proto bench clean

@@ -154,6 +154,7 @@ class Node:
             self.data_dir,
             compress=config.data.compress,
             strict_verify=config.strict_verify,
+            mount_dir=Path(config.fuse.dir),
         )
         self.candidate = lease.candidate
         self.hostname = lease.hostname

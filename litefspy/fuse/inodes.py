@@ -15,6 +15,7 @@ from enum import Enum
 import pyfuse3
 
 from litefspy.store.database import FileKind
+from litefspy.store.store import is_super_journal_name
 
 
 class Special(Enum):
@@ -25,7 +26,14 @@ class Special(Enum):
     LAG = ".lag"
 
 
-NodeKind = FileKind | Special
+class Local(Enum):
+    """Files kept on this node only, never replicated (the node's name is the whole name)."""
+
+    SUPER_JOURNAL = "super-journal"  # SQLite's MAIN-mjXXXXXXXXX of a multi-database commit
+    COPY = "copy"  # a file being copied in (cp, rsync), staged until it is imported
+
+
+NodeKind = FileKind | Special | Local
 
 
 @dataclass
@@ -47,6 +55,8 @@ def parse_name(name: str) -> tuple[str, NodeKind]:
     """Split a name inside the mount into (database name, kind)."""
     if name in (Special.PRIMARY.value, Special.LAG.value):
         return name, Special(name)
+    if is_super_journal_name(name):
+        return name, Local.SUPER_JOURNAL
     for kind in (FileKind.JOURNAL, FileKind.WAL, FileKind.SHM):
         if name.endswith(kind.value):
             return name[: -len(kind.value)], kind
@@ -57,7 +67,7 @@ def parse_name(name: str) -> tuple[str, NodeKind]:
 
 def mount_name(db: str, kind: NodeKind) -> str:
     """The inverse of parse_name."""
-    if kind in (Special.PRIMARY, Special.LAG):
+    if kind in (Special.PRIMARY, Special.LAG) or isinstance(kind, Local):
         return db
     suffix: str = kind.value
     return db + suffix

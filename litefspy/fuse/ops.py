@@ -7,10 +7,18 @@ domain errors to errno, logging unexpected ones.
 Answers for names SQLite does not use (documented in the README):
 * every top-level regular file is a database; NAME-journal/-wal/-shm are its
   sidecars; NAME-pos, .primary and .lag are read-only virtual files;
-* directories, links, device nodes and renames are refused with EPERM;
-* writes to a database file outside a transaction (no journal, not WAL mode:
-  `journal_mode=MEMORY/OFF`, `cp`, `echo >`) are refused with EPERM and logged,
-  because litefspy could not replicate them.
+* SQLite's super-journals (NAME-mjXXXXXXXXX, multi-database commits) are passed
+  through to `<data>/superjournals/` and never replicated;
+* a whole file written into a database name without SQLite's protocol (`cp`,
+  `shutil.copy`, `rsync`: opened write-only, or with O_TRUNC or O_EXCL, which
+  SQLite never uses) is staged under `<data>/tmp/` and imported as one
+  transaction when its writer closes it; rsync's temp file (a dot-name) may be
+  renamed onto a database name, which imports it; copying -journal/-wal files
+  in is refused;
+* directories, links, device nodes and other renames are refused with EPERM;
+* other writes to a database file outside a transaction (`journal_mode=MEMORY/OFF`,
+  writes into an existing file) are refused with EPERM and logged, because
+  litefspy could not replicate them.
 """
 
 from __future__ import annotations
@@ -18,17 +26,30 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import stat
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import pyfuse3
+import trio
 
-from litefspy.errors import LitefspyError, NotFoundError, ReadOnlyError
-from litefspy.fuse.inodes import InodeTable, Node, NodeKind, Special, mount_name, parse_name
+from litefspy.errors import DatabaseError, LitefspyError, NotFoundError, ReadOnlyError
+from litefspy.fuse.inodes import (
+    InodeTable,
+    Local,
+    Node,
+    NodeKind,
+    Special,
+    mount_name,
+    parse_name,
+)
 from litefspy.logs import kv
+from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
+from litefspy.sqlite.header import parse_database_header
 from litefspy.store.database import Database, FileKind, errno_for
 from litefspy.store.store import Store, valid_database_name
 
@@ -63,6 +84,29 @@ class StandaloneCluster:
 
 
 @dataclass
+class StagedCopy:
+    """A whole file being written into the mount outside SQLite's protocol (cp, rsync).
+
+    It is staged in a temp file, never in the database file, so readers see the
+    old database (or no file) until the writer closes it; then it is imported
+    like `litefspy import` (one transaction that replicas receive), or refused.
+    """
+
+    name: str  # as in the mount; rsync's temp files are dot-names, not databases
+    path: Path  # the staging file under <data>/tmp/
+    node: Node  # what the writer's descriptor refers to
+    replaces: bool  # opened over an existing database with O_TRUNC
+    writers: int = 0
+    written: bool = False
+    finishing: bool = False  # closed (or renamed): being imported or discarded
+    refused: str | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+
+@dataclass
 class Handle:
     """An open file: the real descriptor, or the frozen content of a virtual file."""
 
@@ -70,6 +114,7 @@ class Handle:
     db: Database | None
     fd: int = -1
     content: bytes = b""
+    copy: StagedCopy | None = None
 
 
 def _errno(exc: BaseException, op: str, name: str) -> pyfuse3.FUSEError:
@@ -107,6 +152,8 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid()
         self.request_counts: dict[str, int] = {}
         self._offline_logged: set[str] = set()
+        # Files being copied in, by their name in the mount.
+        self._copies: dict[str, StagedCopy] = {}
 
     def _count(self, op: str) -> None:
         self.request_counts[op] = self.request_counts.get(op, 0) + 1
@@ -143,6 +190,8 @@ class Operations(pyfuse3.Operations):
             entry.st_blksize = 4096
             entry.attr_timeout = entry.entry_timeout = 0
             return entry
+        if isinstance(node.kind, Local):
+            return self._local_attrs(node, entry)
         db = self._db(node.name)
         st = os.stat(db.path(node.kind))
         entry.st_mode = st.st_mode
@@ -161,6 +210,30 @@ class Operations(pyfuse3.Operations):
         entry.st_mtime_ns = st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000
         entry.st_ctime_ns = st.st_ctime_ns
         entry.attr_timeout = entry.entry_timeout = CACHE_TIMEOUT
+        return entry
+
+    def _local_path(self, node: Node) -> Path:
+        if node.kind is Local.SUPER_JOURNAL:
+            return self.store.super_journal_file(node.name)
+        copy = self._copies.get(node.name)
+        if copy is None or copy.node is not node:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return copy.path
+
+    def _local_attrs(self, node: Node, entry: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        st = os.stat(self._local_path(node))
+        entry.st_mode = st.st_mode
+        entry.st_nlink = 1
+        entry.st_uid, entry.st_gid = st.st_uid, st.st_gid
+        entry.st_size = st.st_size
+        entry.st_blksize = st.st_blksize
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        # A copy changes name or disappears when it is imported: never cached.
+        timeout = CACHE_TIMEOUT if node.kind is Local.SUPER_JOURNAL else 0
+        entry.attr_timeout = entry.entry_timeout = timeout
         return entry
 
     def _db(self, name: str) -> Database:
@@ -194,12 +267,24 @@ class Operations(pyfuse3.Operations):
             if parent_inode != ROOT:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             db_name, kind = parse_name(text)
+            copy = self._copies.get(text)
+            if copy is not None:
+                found = await self._lookup_copy(copy, ctx)
+                if found is not None:
+                    return found
+            if kind is Local.SUPER_JOURNAL:
+                if not self.store.super_journal_file(text).exists():
+                    return self._negative()
+                node = self.inodes.node_for(db_name, kind)
+                attrs = self._attrs(node)
+                node.lookups += 1
+                return attrs
             if isinstance(kind, Special):
                 node = self.inodes.node_for(db_name, kind)
                 attrs = self._attrs(node)
                 node.lookups += 1
                 return attrs
-            if not valid_database_name(db_name):
+            if isinstance(kind, Local) or not valid_database_name(db_name):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             db = self.store.get(db_name)
             if db is None or not db.path(kind).exists():
@@ -216,6 +301,45 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception as exc:
             raise _errno(exc, "lookup", text) from None
+
+    async def _lookup_copy(
+        self, copy: StagedCopy, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes | None:
+        """A name being copied in: the staged file (rsync's temp name), or, for a
+        database name, what was there before (None: look it up as usual).
+
+        A copy into a new name that was just closed or renamed is being imported:
+        lookups wait for it (`cp f mnt/x && sqlite3 mnt/x` sees the copy). Over an
+        existing database they do not (the import's lock keeper looks the name up
+        too, and the kernel serialises lookups of one name): opens wait instead.
+        """
+        if not valid_database_name(copy.name):
+            attrs = self._attrs(copy.node)
+            copy.node.lookups += 1
+            return attrs
+        db = self.store.get(copy.name)
+        exists = db is not None and db.exists()
+        if copy.finishing and not exists and not self.is_own_request(ctx):
+            await copy.done.wait()
+            return None
+        if exists or copy.finishing:
+            return None
+        entry = self._negative()
+        entry.entry_timeout = 0
+        return entry
+
+    async def _await_import(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
+        """Opens of a database (or its -pos) wait for a copy into it that was just closed.
+
+        The kernel sends the copier's release before its close() returns, and
+        requests are read in order, so `cp f mnt/x && sqlite3 mnt/x` opens the
+        imported database, even through a cached name.
+        """
+        if isinstance(node.kind, Local) or node.kind in (Special.PRIMARY, Special.LAG):
+            return
+        copy = self._copies.get(node.name)
+        if copy is not None and copy.finishing and not self.is_own_request(ctx):
+            await copy.done.wait()
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -259,6 +383,11 @@ class Operations(pyfuse3.Operations):
         try:
             if isinstance(node.kind, Special):
                 raise pyfuse3.FUSEError(errno.EPERM)
+            handle = self._handles.get(fh) if fh is not None else None
+            if isinstance(node.kind, Local) or (handle is not None and handle.copy is not None):
+                path = handle.copy.path if handle and handle.copy else self._local_path(node)
+                self._set_local_attrs(path, attr, fields)
+                return self._attrs(node)
             db = self._db(node.name)
             path = db.path(node.kind)
             if fields.update_size:
@@ -277,6 +406,21 @@ class Operations(pyfuse3.Operations):
             return self._attrs(node)
         except Exception as exc:
             raise _errno(exc, "setattr", mount_name(node.name, node.kind)) from None
+
+    @staticmethod
+    def _set_local_attrs(
+        path: Path, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> None:
+        """setattr of a file litefspy does not replicate: plain passthrough."""
+        if fields.update_size:
+            os.truncate(path, attr.st_size)
+        if fields.update_mode:
+            os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_atime or fields.update_mtime:
+            st = os.stat(path)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            os.utime(path, ns=(atime, mtime))
 
     # ---------------------------------------------------------- open/create
 
@@ -311,9 +455,21 @@ class Operations(pyfuse3.Operations):
     def _wants_write(flags: int) -> bool:
         return (flags & os.O_ACCMODE) != os.O_RDONLY
 
+    @staticmethod
+    def _is_copy_open(flags: int) -> bool:
+        """Opened the way file copiers do and SQLite never does (it uses O_RDWR, no
+        O_TRUNC, and O_EXCL only for super-journals and temp files)."""
+        return (flags & os.O_ACCMODE) == os.O_WRONLY or bool(flags & (os.O_TRUNC | os.O_EXCL))
+
+    @staticmethod
+    def _is_staging_name(name: str) -> bool:
+        """rsync's temp files (`.NAME.XXXXXX`): staged, never databases themselves."""
+        return name.startswith(".") and name not in (Special.PRIMARY.value, Special.LAG.value)
+
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self._count("open")
         node = self._node(inode)
+        await self._await_import(node, ctx)
         try:
             if isinstance(node.kind, Special):
                 if self._wants_write(flags):
@@ -323,6 +479,12 @@ class Operations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 fh = self._new_handle(Handle(node, None, content=content))
                 return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+            if isinstance(node.kind, Local):
+                return self._open_local(node, flags)
+            if node.kind is not FileKind.DATABASE and self._is_copy_open(flags):
+                self._refuse_sidecar_copy(mount_name(node.name, node.kind))
+            if node.kind is FileKind.DATABASE and flags & os.O_TRUNC and self._wants_write(flags):
+                return self._start_copy(mount_name(node.name, node.kind), 0o644, node)
             db = self._db(node.name)
             if self._wants_write(flags) and not db.writable and not self.is_own_request(ctx):
                 db.check_writable(node.kind, opening=True)
@@ -352,9 +514,18 @@ class Operations(pyfuse3.Operations):
             if parent_inode != ROOT:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             db_name, kind = parse_name(text)
-            if isinstance(kind, Special) or not valid_database_name(db_name):
+            if kind is Local.SUPER_JOURNAL:
+                return self._create_super_journal(text, mode, flags)
+            if kind is FileKind.DATABASE and (
+                self._is_staging_name(text)
+                or (valid_database_name(text) and self._is_copy_open(flags))
+            ):
+                return self._create_copy(text, mode)
+            if isinstance(kind, Special | Local) or not valid_database_name(db_name):
                 log.warning("create refused %s", kv(name=text, reason="not a database name"))
                 raise pyfuse3.FUSEError(errno.EPERM)
+            if self._is_copy_open(flags):
+                self._refuse_sidecar_copy(text)
             if (
                 not self.store.accepts_writes(db_name)
                 and kind in (FileKind.DATABASE, FileKind.JOURNAL)
@@ -375,6 +546,128 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:
             raise _errno(exc, "create", text) from None
 
+    # ------------------------------------------------ files not replicated
+
+    def _create_super_journal(
+        self, name: str, mode: int, flags: int
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """SQLite starts a multi-database commit: its bookkeeping, kept on this node."""
+        path = self.store.super_journal_file(name)
+        fd = os.open(path, (flags & ~os.O_ACCMODE) | os.O_RDWR | os.O_CREAT, stat.S_IMODE(mode))
+        node = self.inodes.node_for(name, Local.SUPER_JOURNAL)
+        try:
+            attrs = self._attrs(node)
+        except BaseException:
+            os.close(fd)
+            raise
+        node.lookups += 1
+        fh = self._new_handle(Handle(node, None, fd))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True), attrs
+
+    def _open_local(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+        copy = self._copies.get(node.name)
+        if node.kind is Local.COPY and copy is not None and not copy.finishing:
+            fd = os.open(copy.path, flags & ~(os.O_CREAT | os.O_EXCL))
+            copy.writers += 1
+            fh = self._new_handle(Handle(node, None, fd, copy=copy))
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        fd = os.open(self._local_path(node), flags & ~(os.O_CREAT | os.O_EXCL))
+        return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, None, fd)), direct_io=True)
+
+    @staticmethod
+    def _refuse_sidecar_copy(name: str) -> None:
+        log.error(
+            "copy into %s refused: SQLite's -journal and -wal files cannot be copied in; "
+            "copy the database file instead (checkpoint a WAL database first)",
+            name,
+        )
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    def _create_copy(
+        self, name: str, mode: int
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        db = self.store.get(name) if valid_database_name(name) else None
+        node = (
+            self.inodes.node_for(name, FileKind.DATABASE)
+            if db is not None and db.exists()
+            else self.inodes.node_for(name, Local.COPY)
+        )
+        info = self._start_copy(name, mode, node)
+        attrs = self._attrs(node)
+        node.lookups += 1
+        return info, attrs
+
+    def _start_copy(self, name: str, mode: int, node: Node) -> pyfuse3.FileInfo:
+        """A copier opened `name` to write a whole file: stage it under <data>/tmp/."""
+        if not self.store.writable and not self.store.accepts_writes(name):
+            raise ReadOnlyError(f"cannot copy into {name}: this node is a replica")
+        if name in self._copies:
+            log.error("copy into %s refused: another copy into it is in progress", name)
+            raise pyfuse3.FUSEError(errno.EBUSY)
+        self.store.tmp_dir.mkdir(parents=True, exist_ok=True)
+        path = self.store.tmp_dir / f"copy.{secrets.token_hex(6)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode) or 0o644)
+        copy = StagedCopy(name, path, node, replaces=node.kind is FileKind.DATABASE, writers=1)
+        self._copies[name] = copy
+        log.debug("copy started %s", kv(name=name, staged=path.name))
+        fh = self._new_handle(Handle(node, None, fd, copy=copy))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    def _write_copy(self, handle: Handle, copy: StagedCopy, off: int, buf: bytes) -> int:
+        if copy.refused is None and off < len(SQLITE_MAGIC):
+            copy.refused = _not_sqlite(off, buf)
+            if copy.refused is not None:
+                log.error("copy into %s refused: %s", copy.name, copy.refused)
+        if copy.refused is not None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        written = os.pwrite(handle.fd, buf, off)
+        copy.written = True
+        return written
+
+    async def _finish_copy(self, copy: StagedCopy) -> None:
+        """The writer closed the copy (or renamed it onto a database name): import it.
+
+        Never raises: it runs in `release` (whose result the kernel ignores) or
+        in the background after a rename; a refusal is one line in the log.
+        """
+        copy.finishing = True
+        try:
+            await self._import_copy(copy)
+        except (LitefspyError, OSError) as exc:
+            # The staging path means nothing to the person copying.
+            log.error("copy into %s refused: %s", copy.name, str(exc).replace(f"{copy.path}", "it"))
+            if copy.replaces:
+                # The writer's kernel view of the old database (size) is stale.
+                await trio.to_thread.run_sync(self.invalidate_database, copy.name)
+        except Exception:
+            log.exception("copy into %s failed", copy.name)
+        finally:
+            self._discard_copy(copy)
+
+    async def _import_copy(self, copy: StagedCopy) -> None:
+        if copy.refused is not None:
+            return
+        size = os.stat(copy.path).st_size
+        if size == 0 and not copy.written:
+            if copy.replaces:
+                raise DatabaseError(
+                    "an empty file would replace the database; delete it (rm) instead"
+                )
+            # `touch`: an empty file, which SQLite takes as an empty database.
+            db = self.store.create(copy.name)
+            os.close(os.open(db.db_path, os.O_WRONLY | os.O_CREAT, 0o644))
+            db.created(FileKind.DATABASE)
+            return
+        await self.store.import_database(copy.name, copy.path)
+
+    def _discard_copy(self, copy: StagedCopy) -> None:
+        if self._copies.get(copy.name) is copy:
+            del self._copies[copy.name]
+        copy.path.unlink(missing_ok=True)
+        if copy.node.kind is Local.COPY:
+            self.inodes.retire(copy.node.name, Local.COPY)
+        copy.done.set()
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self._count("read")
         handle = self._handle(fh)
@@ -388,6 +681,13 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self._count("write")
         handle = self._handle(fh)
+        if handle.copy is not None:
+            return self._write_copy(handle, handle.copy, off, buf)
+        if handle.node.kind is Local.SUPER_JOURNAL and handle.fd >= 0:
+            try:
+                return os.pwrite(handle.fd, buf, off)
+            except OSError as exc:
+                raise _errno(exc, "write", handle.node.name) from None
         if handle.db is None or handle.fd < 0:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
@@ -424,6 +724,15 @@ class Operations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.fd >= 0:
             os.close(handle.fd)
+        copy = handle.copy if handle is not None else None
+        if copy is None:
+            return
+        copy.writers -= 1
+        # rsync's temp file (not a database name) waits for its rename instead.
+        if (copy.writers, copy.finishing) == (0, False) and (
+            valid_database_name(copy.name) or copy.refused is not None
+        ):
+            await self._finish_copy(copy)
 
     # ----------------------------------------------------------- namespace
 
@@ -434,7 +743,16 @@ class Operations(pyfuse3.Operations):
             if parent_inode != ROOT:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             db_name, kind = parse_name(text)
-            if isinstance(kind, Special):
+            copy = self._copies.get(text)
+            if copy is not None and not valid_database_name(text):
+                self._discard_copy(copy)  # rsync gave up on its temp file
+                return
+            if kind is Local.SUPER_JOURNAL:
+                # SQLite deletes the super-journal to commit: pass it through, durably.
+                os.unlink(self.store.super_journal_file(text))
+                self.inodes.retire(text, kind)
+                return
+            if isinstance(kind, Special | Local):
                 raise pyfuse3.FUSEError(errno.EPERM)
             db = self._db(db_name)
             if not db.path(kind).exists():
@@ -456,9 +774,40 @@ class Operations(pyfuse3.Operations):
     async def _refuse(self, *_args: object, **_kwargs: object) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rename(self, *_args: object, **_kwargs: object) -> None:
-        log.warning("rename refused: litefspy databases cannot be renamed through the mount")
-        raise pyfuse3.FUSEError(errno.EPERM)
+    async def rename(  # noqa: PLR0917 - pyfuse3's signature
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        """Only a finished copy under a temp name (rsync) onto a database name: an import.
+
+        The import runs after the rename returns (the kernel holds the directory
+        during the rename, and the import's lock keeper must look the name up);
+        meanwhile lookups of the new name wait for it, so rsync's readers never
+        see a half-imported database.
+        """
+        self._count("rename")
+        old, new = os.fsdecode(name_old), os.fsdecode(name_new)
+        copy = self._copies.get(old)
+        if copy is None or parent_inode_old != ROOT or parent_inode_new != ROOT or flags:
+            log.warning("rename refused: litefspy databases cannot be renamed through the mount")
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if not valid_database_name(new) or new in self._copies:
+            log.error("rename of %s refused: %s is not a database name it can take", old, new)
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if copy.writers or copy.finishing:
+            raise pyfuse3.FUSEError(errno.EBUSY)
+        del self._copies[old]
+        copy.name = new
+        copy.finishing = True
+        db = self.store.get(new)
+        copy.replaces = db is not None and db.exists()
+        self._copies[new] = copy
+        trio.lowlevel.spawn_system_task(self._finish_copy, copy)
 
     mkdir = _refuse  # type: ignore[assignment]
     mknod = _refuse  # type: ignore[assignment]
@@ -497,6 +846,8 @@ class Operations(pyfuse3.Operations):
                     names.append((db.name, file_kind))
             if db.exists():
                 names.append((db.name, Special.POS))
+        for entry in sorted(os.listdir(self.store.super_dir)):
+            names.append((entry, Local.SUPER_JOURNAL))
         if self.cluster.primary_hostname() is not None:
             names.append((Special.PRIMARY.value, Special.PRIMARY))
         names.append((Special.LAG.value, Special.LAG))
@@ -527,11 +878,13 @@ class Operations(pyfuse3.Operations):
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         self._count("fsyncdir")
-        fd = os.open(self.store.dbs_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # SQLite syncs the directory after deleting a super-journal (the commit point).
+        for directory in (self.store.dbs_dir, self.store.super_dir):
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # ------------------------------------------------------------- metrics
 
@@ -577,12 +930,18 @@ class Operations(pyfuse3.Operations):
         that only the loop can answer.
         """
         kinds: list[NodeKind] = [*FileKind, Special.POS]
+        # A copy being imported may have lookups of its name waiting for it, which
+        # hold the directory: its entries are invalidated without waiting for them.
+        importing = name in self._copies
         for kind in kinds:
             node = self.inodes.current(name, kind)
             if node is not None:
                 _quietly(lambda n=node: pyfuse3.invalidate_inode(n.ino))  # type: ignore[misc]
             entry = os.fsencode(mount_name(name, kind))
-            _quietly(lambda e=entry: pyfuse3.invalidate_entry(ROOT, e))  # type: ignore[misc]
+            if importing:
+                pyfuse3.invalidate_entry_async(ROOT, entry, ignore_enoent=True)
+            else:
+                _quietly(lambda e=entry: pyfuse3.invalidate_entry(ROOT, e))  # type: ignore[misc]
 
     def is_own_request(self, ctx: pyfuse3.RequestContext) -> bool:
         """The request comes from litefspy's lock keeper process (store/keeper.py).
@@ -592,6 +951,19 @@ class Operations(pyfuse3.Operations):
         """
         pid = self.store.lock_keeper_pid
         return pid is not None and os.path.exists(f"/proc/{pid}/task/{ctx.pid}")
+
+
+def _not_sqlite(off: int, buf: bytes) -> str | None:
+    """Why the start of a copied file is not a SQLite database, or None if it may be."""
+    head = buf[: len(SQLITE_MAGIC) - off]
+    if head != SQLITE_MAGIC[off : off + len(head)]:
+        return "not a SQLite database (no SQLite header); nothing was imported"
+    if off == 0 and len(buf) >= DB_HEADER_SIZE:
+        try:
+            parse_database_header(buf[:DB_HEADER_SIZE])
+        except LitefspyError as exc:
+            return f"{exc}; nothing was imported"
+    return None
 
 
 async def _time(op: str, call: Any, observe: Callable[[str, float], None]) -> Any:

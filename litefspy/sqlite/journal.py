@@ -27,16 +27,21 @@ first record of a page wins: it holds the page as it was before the
 transaction), stop at the first record that is torn or fails its checksum,
 then sync. The journal is deleted by the caller afterwards.
 
-Not handled: a super-journal (multi-database transaction through ATTACH). Its
-name is appended after the records; playback stops before it, as for any
-record for the lock page, so such a journal is rolled back unconditionally.
+A transaction that spans several attached databases also has a super-journal
+(`MAIN-mjXXXXXX9XX`, next to the main database) listing the journals of every
+database it wrote, and each of those journals ends with a pointer to it:
+`lock page number (4) | super-journal path | path length (4) | sum of the path's
+bytes (4) | journal magic (8)`. Playback stops at the pointer (its page number is
+the lock page's). SQLite deletes the super-journal to commit all databases at
+once, so a journal whose super-journal no longer exists is not hot: its
+transaction committed, and it must not be rolled back (`is_hot_journal`).
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -53,7 +58,9 @@ __all__ = [
     "iter_journal_records",
     "journal_record_checksum",
     "parse_journal_header",
+    "read_super_journal_name",
     "rollback_journal",
+    "super_journal_children",
 ]
 
 JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
@@ -63,6 +70,10 @@ UNTIL_END_OF_FILE = 0xFFFFFFFF
 
 _HEADER_FIELDS = struct.Struct(">5I")
 _U32 = struct.Struct(">I")
+# The super-journal pointer's trailer: path length, path checksum, journal magic.
+_SUPER_TRAILER_SIZE = 16
+# SQLite's unix VFS allows paths up to this long (mxPathname).
+_MAX_PATHNAME = 512
 _MASK32 = 0xFFFFFFFF
 # SQLite's limits for the sector size field; other values mean a torn header.
 _MIN_SECTOR_SIZE = 32
@@ -171,24 +182,65 @@ def iter_journal_records(f: BinaryIO) -> Iterator[JournalRecord]:
         header = parse_journal_header(f.read(JOURNAL_HEADER_SIZE))
 
 
-def is_hot_journal(journal_path: str | os.PathLike[str], db_path: str | os.PathLike[str]) -> bool:
+def read_super_journal_name(f: BinaryIO) -> str | None:
+    """The super-journal path a journal points to, or None (SQLite's readSuperJournal).
+
+    The pointer is the last thing in the journal. A pointer whose checksum does
+    not add up was torn: SQLite then treats the journal as an ordinary hot one.
+    """
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    if size < _SUPER_TRAILER_SIZE:
+        return None
+    f.seek(size - _SUPER_TRAILER_SIZE)
+    trailer = f.read(_SUPER_TRAILER_SIZE)
+    (length,) = _U32.unpack_from(trailer, 0)
+    (checksum,) = _U32.unpack_from(trailer, 4)
+    if trailer[8:] != JOURNAL_MAGIC or not 0 < length <= min(_MAX_PATHNAME, size - 16):
+        return None
+    f.seek(size - _SUPER_TRAILER_SIZE - length)
+    raw = f.read(length)
+    # SQLite sums the path as (signed) chars into an unsigned 32-bit value.
+    total = sum(b - 256 if b > 127 else b for b in raw) & _MASK32
+    if total != checksum or b"\0" in raw:
+        return None
+    return os.fsdecode(raw)
+
+
+def super_journal_children(data: bytes) -> list[str]:
+    """The journal paths a super-journal lists (NUL-terminated, one after another)."""
+    return [os.fsdecode(name) for name in data.split(b"\0") if name]
+
+
+def is_hot_journal(
+    journal_path: str | os.PathLike[str],
+    db_path: str | os.PathLike[str],
+    super_journal_exists: Callable[[str], bool] | None = None,
+) -> bool:
     """True when the journal must be rolled back into the database before use.
 
     That is: the database exists and the journal is non-empty and starts with
-    the magic. A PERSIST-mode journal invalidated by zeroing its header, an
-    empty (TRUNCATE) journal or a missing one is not hot. Unlike SQLite this
-    does not check locks: it is for litefspy's own recovery, with no SQLite
-    process using the files.
+    the magic, and, if it points to a super-journal, that super-journal still
+    exists (`super_journal_exists` resolves the path SQLite recorded; without
+    it every pointer counts as present, i.e. the journal is rolled back). A
+    PERSIST-mode journal invalidated by zeroing its header, an empty
+    (TRUNCATE) journal or a missing one is not hot. Unlike SQLite this does not
+    check locks: it is for litefspy's own recovery, with no SQLite process
+    using the files.
     """
     if not Path(db_path).exists():
         # SQLite would create an empty database and discard the journal.
         return False
     try:
         with open(journal_path, "rb") as f:
-            head = f.read(JOURNAL_HEADER_SIZE)
+            if parse_journal_header(f.read(JOURNAL_HEADER_SIZE)) is None:
+                return False
+            super_journal = read_super_journal_name(f)
     except FileNotFoundError:
         return False
-    return parse_journal_header(head) is not None
+    if super_journal is None or super_journal_exists is None:
+        return True
+    return super_journal_exists(super_journal)
 
 
 def rollback_journal(journal_path: str | os.PathLike[str], db_path: str | os.PathLike[str]) -> int:

@@ -48,7 +48,13 @@ from litefspy.ltx.files import fsync_dir
 from litefspy.ltx.format import FLAG_COMPRESS, Header, format_filename, lock_pgno, parse_filename
 from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
 from litefspy.sqlite.header import parse_database_header
-from litefspy.sqlite.journal import is_hot_journal, rollback_journal
+from litefspy.sqlite.journal import (
+    JOURNAL_HEADER_SIZE,
+    is_hot_journal,
+    parse_journal_header,
+    read_super_journal_name,
+    rollback_journal,
+)
 from litefspy.sqlite.wal import WAL_HEADER_SIZE, WALReader, parse_wal_header
 from litefspy.store.waltrack import WALCommit, WALTracker
 
@@ -112,6 +118,7 @@ class Database:
         compress: bool = True,
         strict_verify: bool = False,
         on_commit: CommitListener | None = None,
+        super_journal_exists: Callable[[str], bool] | None = None,
     ) -> None:
         self.name = name
         self.dir = root / name
@@ -120,6 +127,9 @@ class Database:
         self.compress = compress
         self.strict_verify = strict_verify
         self.on_commit = on_commit
+        # Resolves the super-journal path a journal records (as the application saw
+        # it, in the mount) to whether it exists: it decides whether the journal is hot.
+        self.super_journal_exists = super_journal_exists
         self.writable = True
         self.pos = Position(0, 0)
         self.checksums: PageChecksums | None = None
@@ -444,7 +454,12 @@ class Database:
         size = os.fstat(fd).st_size
         count = size // header.page_size
         if header.page_count_valid and header.page_count != count:
-            log.warning(
+            # Routine when the file is longer: VACUUM and incremental vacuum leave
+            # it so until the truncate that follows, and the valid header decides.
+            # A file shorter than its header says is not.
+            level = logging.WARNING if header.page_count > count else logging.DEBUG
+            log.log(
+                level,
                 "database header size differs from file size; using header %s",
                 kv(db=self.name, header_pages=header.page_count, file_pages=count),
             )
@@ -790,7 +805,7 @@ class Database:
         done = []
         journal = self.path(FileKind.JOURNAL)
         if journal.exists():
-            if is_hot_journal(journal, self.db_path):
+            if is_hot_journal(journal, self.db_path, self.super_journal_exists):
                 pages = rollback_journal(journal, self.db_path)
                 done.append(f"rolled back a hot journal ({pages} pages)")
             # Nobody holds a lock: what is left is SQLite's own garbage (a
@@ -856,12 +871,21 @@ class Database:
         journal = self.path(FileKind.JOURNAL)
         rolled_back = False
         if journal.exists():
-            if is_hot_journal(journal, self.db_path):
+            if is_hot_journal(journal, self.db_path, self.super_journal_exists):
                 restored = rollback_journal(journal, self.db_path)
                 rolled_back = True
                 log.info(
                     "rolled back hot journal: its transaction was never committed %s",
                     kv(db=self.name, pages=restored),
+                )
+            elif self._names_super_journal(journal):
+                # A multi-database commit completed (its super-journal is gone) before
+                # this journal was invalidated: SQLite keeps the transaction, so the
+                # database is ahead of its history and is recaptured below.
+                rolled_back = True
+                log.info(
+                    "journal of a committed multi-database transaction finalized %s",
+                    kv(db=self.name),
                 )
             journal.unlink()
         wal_beyond = self._recover_wal(header)
@@ -910,6 +934,13 @@ class Database:
             self._read_db_header(self._db_reader())
         except SQLiteFormatError:
             pass
+
+    @staticmethod
+    def _names_super_journal(journal: Path) -> bool:
+        with open(journal, "rb") as f:
+            if parse_journal_header(f.read(JOURNAL_HEADER_SIZE)) is None:
+                return False
+            return read_super_journal_name(f) is not None
 
     def write_clean_record(self) -> None:
         """At a clean stop: the position the files are at (startup compares it)."""

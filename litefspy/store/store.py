@@ -33,6 +33,12 @@ from litefspy.ltx.checksum import PageChecksums, page_checksum
 from litefspy.ltx.decoder import Decoder, verify_file
 from litefspy.ltx.format import Header, Trailer, lock_pgno
 from litefspy.sqlite.header import parse_database_header
+from litefspy.sqlite.journal import (
+    JOURNAL_HEADER_SIZE,
+    parse_journal_header,
+    read_super_journal_name,
+    super_journal_children,
+)
 from litefspy.store.database import (
     CommitInfo,
     Database,
@@ -54,13 +60,26 @@ log = logging.getLogger(__name__)
 # nothing hidden (dot-names are litefspy's own special files).
 _NAME_RE = re.compile(r"^[^/\x00.][^/\x00]{0,200}$")
 SIDECAR_SUFFIXES = ("-journal", "-wal", "-shm", "-pos")
+# SQLite's super-journal of a multi-database transaction: MAIN-mj + 6 hex digits,
+# a 9, 2 hex digits (sqlite3VdbeHalt's "-mj%06X9%02X").
+_SUPER_JOURNAL_RE = re.compile(r"^(.+)-mj[0-9A-F]{6}9[0-9A-F]{2}$")
 # LTX files up to this size are verified on the trio thread (a few tens of us).
 INLINE_VERIFY_BYTES = 256 * 1024
 
 
 def valid_database_name(name: str) -> bool:
     """True if `name` can be a database inside the mount."""
-    return bool(_NAME_RE.match(name)) and not name.endswith(SIDECAR_SUFFIXES)
+    return (
+        bool(_NAME_RE.match(name))
+        and not name.endswith(SIDECAR_SUFFIXES)
+        and not is_super_journal_name(name)
+    )
+
+
+def is_super_journal_name(name: str) -> bool:
+    """True if `name` is one SQLite gives the super-journal of a multi-database commit."""
+    match = _SUPER_JOURNAL_RE.match(name)
+    return match is not None and bool(_NAME_RE.match(match.group(1)))
 
 
 def load_node_id(data_dir: Path) -> int:
@@ -102,6 +121,12 @@ def validate_sqlite_file(path: Path) -> tuple[int, int]:
         raise DatabaseError(
             f"{path} is {size} bytes, not a whole number of {header.page_size}-byte pages "
             "(truncated or not a SQLite database)"
+        )
+    pages = size // header.page_size
+    if header.page_count_valid and header.page_count > pages:
+        raise DatabaseError(
+            f"{path} is incomplete: its header says {header.page_count} pages, the file "
+            f"has {pages} (a copy cut short?)"
         )
     if Path(f"{path}-wal").exists() and Path(f"{path}-wal").stat().st_size > 0:
         raise DatabaseError(f"{path} has a non-empty -wal file; checkpoint it before importing")
@@ -162,7 +187,14 @@ class Halt:
 class Store:
     """The databases under `<data>/dbs/`, their role (writable or not) and listeners."""
 
-    def __init__(self, data_dir: Path, *, compress: bool = True, strict_verify: bool = False):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        compress: bool = True,
+        strict_verify: bool = False,
+        mount_dir: Path | None = None,
+    ):
         self.data_dir = Path(data_dir)
         # Before anything in data.dir is touched: one node per directory.
         self._owner_fd = lock_data_dir(self.data_dir)
@@ -170,6 +202,13 @@ class Store:
         self.compress = compress
         self.strict_verify = strict_verify
         self.dbs_dir.mkdir(parents=True, exist_ok=True)
+        # SQLite's super-journals (MAIN-mjXXXXXXXXX in the mount): local bookkeeping
+        # of multi-database commits, passed through and never replicated.
+        self.super_dir = self.data_dir / "superjournals"
+        self.super_dir.mkdir(exist_ok=True)
+        # Where applications see the files: a journal records its super-journal's
+        # path there. Resolved once, now, so that recovery never looks at the mount.
+        self.mount_dir = _canonical(mount_dir) if mount_dir is not None else None
         self.node_id = load_node_id(self.data_dir)
         self._dbs: dict[str, Database] = {}
         # Databases whose recovery refused to guess: name -> message. They stay offline.
@@ -202,6 +241,56 @@ class Store:
                 continue
             self._dbs[entry] = db
             log.info("database ready %s", kv(db=entry, pos=db.pos))
+        self._remove_finished_super_journals()
+
+    # ------------------------------------------------------ super-journals
+
+    def super_journal_file(self, name: str) -> Path:
+        """Where the super-journal the mount shows as `name` really is."""
+        return self.super_dir / name
+
+    def super_journal_exists(self, recorded: str) -> bool:
+        """Does the super-journal a journal points to exist, as SQLite would find it?
+
+        The journal records the path the application used: in the mount for a
+        main database there (resolved to `super_dir`, never by touching the
+        mount), or anywhere else for a main database outside the mount.
+        """
+        path = Path(recorded)
+        in_mount = self.mount_dir is not None and _canonical(path.parent) == self.mount_dir
+        if in_mount or self.mount_dir is None:
+            return is_super_journal_name(path.name) and self.super_journal_file(path.name).exists()
+        return path.exists()
+
+    def _remove_finished_super_journals(self) -> None:
+        """After recovery, delete super-journals no hot journal points to (SQLite's rule).
+
+        A super-journal stays while any journal it lists still needs it (e.g. one
+        of a database outside the mount, which SQLite will roll back later).
+        """
+        for entry in sorted(os.listdir(self.super_dir)):
+            path = self.super_dir / entry
+            if not any(self._still_needs(child, entry) for child in _children(path)):
+                path.unlink(missing_ok=True)
+                log.info("removed finished super-journal %s", kv(name=entry))
+
+    def _still_needs(self, journal: str, super_name: str) -> bool:
+        """Is `journal` (a path as SQLite recorded it) hot and pointing at `super_name`?"""
+        jpath = Path(journal)
+        if self.mount_dir is not None and _canonical(jpath.parent) == self.mount_dir:
+            name = jpath.name.removesuffix(FileKind.JOURNAL.value)
+            db = self._dbs.get(name)
+            if db is None:
+                return False
+            jpath = db.path(FileKind.JOURNAL)
+        try:
+            with open(jpath, "rb") as f:
+                if parse_journal_header(f.read(JOURNAL_HEADER_SIZE)) is None:
+                    return False
+                pointer = read_super_journal_name(f)
+        except OSError:
+            return False
+        return pointer is not None and Path(pointer).name == super_name
 
     def close(self) -> None:
         self.detach_mount()
@@ -237,6 +326,7 @@ class Store:
             compress=self.compress,
             strict_verify=self.strict_verify,
             on_commit=self._notify,
+            super_journal_exists=self.super_journal_exists,
         )
         db.writable = self.writable
         return db
@@ -800,7 +890,13 @@ class Store:
         page_size, commit = await trio.to_thread.run_sync(validate_sqlite_file, src)
         db = self.get(name) or self.create(name)
         wal = db.is_wal_mode()
-        held = await self._lock(name, wal, exclusive=True, writers=True)
+        # A new database has no SQLite user to lock out (and the mount may be
+        # holding lookups of its name until the import is done).
+        held = (
+            await self._lock(name, wal, exclusive=True, writers=True)
+            if db.exists()
+            else HeldLocks()
+        )
         try:
             ltx = await trio.to_thread.run_sync(db.import_file, src, page_size, commit)
             await trio.to_thread.run_sync(self._after_apply, name, wal)
@@ -852,6 +948,22 @@ class Store:
             removed = await trio.to_thread.run_sync(self.enforce_retention, retention)
             if removed:
                 log.info("retention removed LTX files %s", kv(count=removed))
+
+
+def _canonical(path: Path) -> Path:
+    """An absolute path with the symlinks of its parents resolved, without stat()ing it.
+
+    The path may be the mount point itself, which litefspy must never touch.
+    """
+    path = Path(os.path.abspath(path))
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _children(super_journal: Path) -> list[str]:
+    try:
+        return super_journal_children(super_journal.read_bytes())
+    except OSError:
+        return []
 
 
 def _continues(db: Database, header: Header) -> bool:
