@@ -89,6 +89,15 @@ def _rpo(node: Node, env: dict[str, str]) -> list[float]:
     conn.execute("CREATE TABLE t (i INTEGER PRIMARY KEY, v TEXT)")
     committed: dict[int, float] = {}
     seen: dict[int, float] = {}
+
+    def mark_seen() -> None:
+        """Note the time each committed TXID first shows as uploaded."""
+        up = _uploaded_txid(node, env, name)
+        now = time.monotonic()
+        for t in committed:
+            if t <= up and t not in seen:
+                seen[t] = now
+
     for _ in range(RPO_COMMITS):
         conn.execute("INSERT INTO t (v) VALUES ('x')")
         txid = int((node.mnt / f"{name}-pos").read_text().split("/")[0], 16)
@@ -96,20 +105,12 @@ def _rpo(node: Node, env: dict[str, str]) -> list[float]:
         # Poll the backup's high-water mark while the next commit waits a little.
         end = time.monotonic() + 0.1
         while time.monotonic() < end:
-            up = _uploaded_txid(node, env, name)
-            now = time.monotonic()
-            for t in committed:
-                if t <= up and t not in seen:
-                    seen[t] = now
+            mark_seen()
             time.sleep(0.005)
     conn.close()
     deadline = time.monotonic() + 30
     while len(seen) < len(committed) and time.monotonic() < deadline:
-        up = _uploaded_txid(node, env, name)
-        now = time.monotonic()
-        for t in committed:
-            if t <= up and t not in seen:
-                seen[t] = now
+        mark_seen()
         time.sleep(0.005)
     return [(seen[t] - committed[t]) * 1000 for t in committed if t in seen]
 

@@ -55,6 +55,13 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+def restore(url: str, out: Path, *extra: str, db: str = "app.db") -> list[str]:
+    """`litefspy restore` into `out` (replacing it), which must succeed; its dump."""
+    res = cli("restore", "--url", url, "--db", db, "-o", str(out), "--force", *extra)
+    assert res.returncode == 0, res.stderr
+    return _dump_file(out)
+
+
 def _dump_file(path: Path) -> list[str]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -110,34 +117,8 @@ def test_restore_latest_txid_and_time_in_every_mode(
     assert _dump_file(out) == states[-1][2]
     # Each earlier commit by TXID, and by the time right after it committed.
     for txid, when, expected in states[1:-1]:
-        res = cli(
-            "restore",
-            "--url",
-            url,
-            "--db",
-            "app.db",
-            "-o",
-            str(out),
-            "--force",
-            "--txid",
-            f"{txid:x}",
-        )
-        assert res.returncode == 0, res.stderr
-        assert _dump_file(out) == expected, f"TXID {txid}"
-        res = cli(
-            "restore",
-            "--url",
-            url,
-            "--db",
-            "app.db",
-            "-o",
-            str(out),
-            "--force",
-            "--timestamp",
-            _iso(when + 100),
-        )
-        assert res.returncode == 0, res.stderr
-        assert _dump_file(out) == expected, f"time of TXID {txid}"
+        assert restore(url, out, "--txid", f"{txid:x}") == expected, f"TXID {txid}"
+        assert restore(url, out, "--timestamp", _iso(when + 100)) == expected, f"at {txid}"
     listing = cli("backup", "list", "--url", url, "--json")
     assert listing.returncode == 0, listing.stderr
     (entry,) = json.loads(listing.stdout)
@@ -318,20 +299,7 @@ def test_compacted_objects_restore_the_same_states(node_factory, tmp_path: Path)
     assert "from 2 objects" in res.stdout  # the snapshot and the l1 object
     assert _dump_file(out) == states[-1][2]
     for txid, _, expected in states[2:-1]:
-        res = cli(
-            "restore",
-            "--url",
-            url,
-            "--db",
-            "app.db",
-            "-o",
-            str(out),
-            "--force",
-            "--txid",
-            f"{txid:x}",
-        )
-        assert res.returncode == 0, res.stderr
-        assert _dump_file(out) == expected
+        assert restore(url, out, "--txid", f"{txid:x}") == expected
 
 
 def test_failover_continues_the_backup_and_a_lost_cluster_comes_back(

@@ -248,15 +248,7 @@ class Uploader:
         tmp = self.store.tmp_dir / f"backup-{name}-{secrets.token_hex(4)}.ltx"
         header, trailer = await trio.to_thread.run_sync(self.merge, files, tmp, self.store.tmp_dir)
         try:
-            key = piece_key(
-                name,
-                "l0",
-                lo=header.min_txid,
-                hi=header.max_txid,
-                epoch=self.epoch(),
-                ts=header.timestamp,
-                post=trailer.post_apply_checksum,
-            )
+            key = self._key(name, "l0", header, trailer)
             await self._put(key, tmp)
         finally:
             tmp.unlink(missing_ok=True)
@@ -283,6 +275,18 @@ class Uploader:
         state.last_snapshot_txid = header.max_txid
         self._uploaded(name, state, Position(header.max_txid, trailer.post_apply_checksum))
         log.info("backup snapshot uploaded %s", kv(db=name, txid=f"{header.max_txid:016x}"))
+
+    def _key(self, name: str, level: str, header: Header, trailer: Trailer) -> str:
+        """The object name of an LTX file uploaded by this primary at `level`."""
+        return piece_key(
+            name,
+            level,
+            lo=header.min_txid,
+            hi=header.max_txid,
+            epoch=self.epoch(),
+            ts=header.timestamp,
+            post=trailer.post_apply_checksum,
+        )
 
     async def _put(self, key: str, path: Path) -> None:
         def put() -> tuple[bool, int]:
@@ -339,15 +343,7 @@ class Uploader:
                 paths.append(local)
             out = work / "merged.ltx"
             header, trailer = await trio.to_thread.run_sync(self.merge, paths, out, work)
-            key = piece_key(
-                name,
-                level,
-                lo=header.min_txid,
-                hi=header.max_txid,
-                epoch=self.epoch(),
-                ts=header.timestamp,
-                post=trailer.post_apply_checksum,
-            )
+            key = self._key(name, level, header, trailer)
             await self._put(key, out)
         finally:
             for p in work.iterdir():
