@@ -11,9 +11,7 @@ import pytest
 
 from tests.cluster import connect, dump, integrity, replica_of, try_pos, wait_same_pos
 from tests.nodes import NodeProcess
-from tests.test_services_harness import corrupt_db, make_db, needs_wired_node
-
-pytestmark = needs_wired_node
+from tests.test_services_harness import corrupt_db, make_db
 
 
 def litefspy(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -11,9 +11,6 @@ from typing import Any
 
 from tests.cluster import connect, replica_of, wait_same_pos
 from tests.nodes import NodeProcess
-from tests.test_services_harness import needs_wired_node
-
-pytestmark = needs_wired_node
 
 
 class Events:

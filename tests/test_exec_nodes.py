@@ -12,9 +12,6 @@ from typing import Any
 from tests.cluster import connect, replica_of
 from tests.nodes import NodeProcess, wait_for
 from tests.test_exec_supervisor import TRAPPER
-from tests.test_services_harness import needs_exec_in_node
-
-pytestmark = needs_exec_in_node
 
 PY = shlex.quote(sys.executable)
 

@@ -23,9 +23,6 @@ from tests.cluster import (
     wait_same_pos,
 )
 from tests.nodes import NodeProcess, wait_for
-from tests.test_services_harness import needs_wired_node
-
-pytestmark = needs_wired_node
 
 # The command the tests run under the halt lock: writes rows on the replica's
 # mount in separate transactions, checks on the way that the primary's own

@@ -13,9 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster import connect, replica_lease, wait_same_pos
 from tests.nodes import NodeProcess, free_port, wait_for
-from tests.test_services_harness import needs_wired_node
-
-pytestmark = needs_wired_node
 
 
 def _extras(proxy_port: int, app_port: int, metrics_port: int) -> str:

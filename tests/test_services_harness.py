@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from litefspy import services
@@ -27,7 +26,7 @@ from litefspy.fuse.ops import Operations
 from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
 from litefspy.store.store import Store
 from tests.mounted import attach_store
-from tests.nodes import REPO, free_port
+from tests.nodes import free_port
 
 
 def make_config(
@@ -189,14 +188,3 @@ async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
         capture_stderr=True,
         check=False,
     )
-
-
-# Real-node tests need node.py to call the services' hooks; until it does they skip.
-_NODE_SOURCE = (REPO / "litefspy" / "node.py").read_text()
-needs_wired_node = pytest.mark.skipif(
-    "services.serve_extras" not in _NODE_SOURCE,
-    reason="node.py does not call services.serve_extras yet",
-)
-needs_exec_in_node = pytest.mark.skipif(
-    "run_exec" not in _NODE_SOURCE, reason="node.py does not call services.run_exec yet"
-)
