@@ -86,6 +86,13 @@ class _Server:
         if method == "reset_wal_index":
             self.locks.reset_wal_index(*args)
             return None
+        if method == "reset_and_release":
+            hid, name, page_size = args
+            try:
+                self.locks.reset_wal_index(name, page_size)
+            finally:
+                self.call("release", (hid,))
+            return None
         raise DatabaseError(f"lock keeper: unknown call {method!r}")
 
     def serve_channel(self, chan: Connection) -> None:
@@ -276,6 +283,17 @@ class LockKeeper:
 
     def reset_wal_index(self, name: str, page_size: int) -> None:
         self._call("reset_wal_index", name, page_size)
+
+    def reset_and_release(self, held: Held, name: str, page_size: int) -> None:
+        """reset_wal_index, then release `held`, in one round trip (released either way)."""
+        if not isinstance(held, RemoteHeld) or not held.hid or held.generation != self._generation:
+            try:
+                self.reset_wal_index(name, page_size)
+            finally:
+                held.release()
+            return
+        hid, held.hid = held.hid, 0
+        self._call("reset_and_release", hid, name, page_size)
 
     def release(self, hid: int, generation: int) -> None:
         if generation != self._generation:

@@ -550,10 +550,10 @@ class Store:
                 db.settle(verify=False)
             after = self._write_applied(db, final, header, trailer, current)
             db.end_apply()
-            self._after_apply(db.name, wal)
+            self._after_apply(db.name, wal, held)
             return after
         finally:
-            held.release()
+            held.release()  # no-op once _after_apply released it
 
     @staticmethod
     def _already_applied(db: Database, header: Header, trailer: Trailer) -> bool:
@@ -645,15 +645,25 @@ class Store:
             )
         return after
 
-    def _after_apply(self, name: str, wal: bool) -> None:
-        """Worker thread, locks held: make readers see the new pages."""
+    def _after_apply(self, name: str, wal: bool, held: Held | None = None) -> None:
+        """Worker thread, locks held: make readers see the new pages.
+
+        With `held`, the locks are released too: in the same call to the lock
+        keeper as the WAL-index reset (one round trip fewer per replica apply).
+        """
         if self._invalidator is not None:
             self._invalidator.invalidate_database(name)
         db = self.get(name)
-        if wal and self._locks is not None and db is not None:
+        locks = self._locks
+        if wal and locks is not None and db is not None:
             page_size = read_page_size(db.db_path)
             if page_size:
-                self._locks.reset_wal_index(name, page_size)
+                if held is not None:
+                    locks.reset_and_release(held, name, page_size)
+                    return
+                locks.reset_wal_index(name, page_size)
+        if held is not None:
+            held.release()
 
     # ------------------------------------------------------------ roles
 
