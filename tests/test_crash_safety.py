@@ -199,9 +199,9 @@ def test_kill9_loop_primary_and_replica(node_factory, tmp_path: Path, mode: str)
     conn.execute("CREATE TABLE t (i INTEGER PRIMARY KEY, v BLOB)")
     conn.close()
     acknowledged: set[int] = set()
-    deadline = time.monotonic() + 40
+    deadline = time.monotonic() + 25
     rounds = 0
-    while rounds < 4 and time.monotonic() < deadline:
+    while rounds < 3 and time.monotonic() < deadline:
         rounds += 1
         writer = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(primary.db("app.db")), mode, str(rounds * 100000)],

@@ -488,7 +488,7 @@ class Operations(pyfuse3.Operations):
             db = self._db(node.name)
             if self._wants_write(flags) and not db.writable and not self.is_own_request(ctx):
                 db.check_writable(node.kind, opening=True)
-            fd = os.open(db.path(node.kind), flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+            fd = self._open_backing(db, node.kind, flags)
             if flags & os.O_TRUNC and self._wants_write(flags):
                 try:
                     db.truncate(node.kind, 0)
@@ -499,6 +499,27 @@ class Operations(pyfuse3.Operations):
             return self._file_info(fh, node.kind)
         except Exception as exc:
             raise _errno(exc, "open", mount_name(node.name, node.kind)) from None
+
+    def _open_backing(self, db: Database, kind: FileKind, flags: int) -> int:
+        """Open the real file behind a name the kernel believes exists.
+
+        After a database is deleted and recreated, the kernel may still hold
+        a cached entry for its old journal or WAL (litefspy removed the file;
+        the entry's invalidation is asynchronous). SQLite opens those with
+        O_CREAT, which the kernel drops for a cached name: create the file,
+        as the same open would on a plain disk.
+        """
+        path = db.path(kind)
+        plain = flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+        try:
+            return os.open(path, plain)
+        except FileNotFoundError:
+            sidecar = kind in (FileKind.JOURNAL, FileKind.WAL, FileKind.SHM)
+            if not sidecar or not self._wants_write(flags):
+                raise
+        fd = os.open(path, plain | os.O_CREAT, 0o644)
+        db.created(kind)
+        return fd
 
     async def create(
         self,
