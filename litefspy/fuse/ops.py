@@ -194,13 +194,7 @@ class Operations(pyfuse3.Operations):
             return self._local_attrs(node, entry)
         db = self._db(node.name)
         st = os.stat(db.path(node.kind))
-        entry.st_mode = st.st_mode
-        entry.st_nlink = 1
-        entry.st_uid, entry.st_gid = st.st_uid, st.st_gid
-        entry.st_size = st.st_size
-        entry.st_blksize = st.st_blksize
-        entry.st_blocks = st.st_blocks
-        entry.st_atime_ns = st.st_atime_ns
+        _copy_stat(entry, st)
         # Whole seconds: the kernel drops a file's cached pages whenever a fresh
         # getattr shows another mtime than it had (FUSE's auto_inval_data, which
         # pyfuse3 cannot turn off), and SQLite fstats the database on every read
@@ -208,7 +202,6 @@ class Operations(pyfuse3.Operations):
         # commit; whole seconds do it at most once a second, and tools that compare
         # mtimes (backups, rsync) still see every change within a second.
         entry.st_mtime_ns = st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000
-        entry.st_ctime_ns = st.st_ctime_ns
         entry.attr_timeout = entry.entry_timeout = CACHE_TIMEOUT
         return entry
 
@@ -221,16 +214,7 @@ class Operations(pyfuse3.Operations):
         return copy.path
 
     def _local_attrs(self, node: Node, entry: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
-        st = os.stat(self._local_path(node))
-        entry.st_mode = st.st_mode
-        entry.st_nlink = 1
-        entry.st_uid, entry.st_gid = st.st_uid, st.st_gid
-        entry.st_size = st.st_size
-        entry.st_blksize = st.st_blksize
-        entry.st_blocks = st.st_blocks
-        entry.st_atime_ns = st.st_atime_ns
-        entry.st_mtime_ns = st.st_mtime_ns
-        entry.st_ctime_ns = st.st_ctime_ns
+        _copy_stat(entry, os.stat(self._local_path(node)))
         # A copy changes name or disappears when it is imported: never cached.
         timeout = CACHE_TIMEOUT if node.kind is Local.SUPER_JOURNAL else 0
         entry.attr_timeout = entry.entry_timeout = timeout
@@ -985,6 +969,19 @@ def _not_sqlite(off: int, buf: bytes) -> str | None:
         except LitefspyError as exc:
             return f"{exc}; nothing was imported"
     return None
+
+
+def _copy_stat(entry: pyfuse3.EntryAttributes, st: os.stat_result) -> None:
+    """The attributes of the real file behind a name (one link; mtime as is)."""
+    entry.st_mode = st.st_mode
+    entry.st_nlink = 1
+    entry.st_uid, entry.st_gid = st.st_uid, st.st_gid
+    entry.st_size = st.st_size
+    entry.st_blksize = st.st_blksize
+    entry.st_blocks = st.st_blocks
+    entry.st_atime_ns = st.st_atime_ns
+    entry.st_mtime_ns = st.st_mtime_ns
+    entry.st_ctime_ns = st.st_ctime_ns
 
 
 async def _time(op: str, call: Any, observe: Callable[[str, float], None]) -> Any:

@@ -1034,14 +1034,7 @@ class Database:
                 f"database {self.name}: {self.db_path} has page size {page_size}, its LTX "
                 f"history another; it stays offline. Re-import it with `litefspy import`"
             )
-        self._write_ltx(
-            page_size,
-            commit,
-            self._all_pages(fd, page_size, commit),
-            self._checksums_of(fd, page_size, commit),
-            full=True,
-            notify=False,
-        )
+        self._record_whole_file(fd, page_size, commit, notify=False)
         why = (
             f"the LTX files of TXIDs {_txid_ranges(dropped)} were cut short by a crash"
             if dropped
@@ -1216,12 +1209,19 @@ class Database:
                 f"database {self.name}: {self.db_path} is not a SQLite database ({exc})"
             ) from exc
         log.info("adopting existing database file as TXID 1 %s", kv(db=self.name))
+        self._record_whole_file(fd, page_size, commit)
+
+    def _record_whole_file(
+        self, fd: int, page_size: int, commit: int, *, notify: bool = True
+    ) -> None:
+        """Every page of the database file as the next LTX file (its whole state)."""
         self._write_ltx(
             page_size,
             commit,
             self._all_pages(fd, page_size, commit),
             self._checksums_of(fd, page_size, commit),
             full=True,
+            notify=notify,
         )
 
     @staticmethod
