@@ -22,9 +22,10 @@ write from wherever it runs. The halt lock makes that safe:
    its files (WAL folded in, hot journal rolled back) so that only the
    committed state stays.
 
-A forwarded commit blocks the replica's FUSE loop for one round trip to the
-primary (the capture runs inside the FUSE request that commits): simple and
-free of interleavings, and fine for the occasional writer this is meant for.
+A forwarded commit's capture runs in a worker thread (Store.file_op) for the
+one round trip to the primary, holding the database's capture lock so that a
+replica apply of the same database cannot interleave with it; the rest of the
+node (its stream, heartbeats, RPCs, proxy and other databases) goes on.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ HEARTBEAT_INTERVAL = 1.0
 DEFAULT_WAIT = 10.0
 # How long a replica may take to apply everything up to the lock's position.
 CATCH_UP_TIMEOUT = 30.0
-# One forwarded commit, end to end (the replica's FUSE loop waits meanwhile).
+# One forwarded commit, end to end (the committing application waits meanwhile).
 COMMIT_TIMEOUT = 15.0
 # Forwarded transactions up to this size are received in memory, larger ones
 # are spooled to a file.
@@ -80,7 +81,7 @@ INLINE_COMMIT_BYTES = 8 << 20
 
 
 class Forwarder:
-    """Sends one captured transaction to the primary (runs inside a FUSE request)."""
+    """Sends one captured transaction to the primary (runs in a worker thread)."""
 
     def __init__(self, url: str, name: str, halt_id: str, primary: str) -> None:
         self.name = name

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -464,6 +465,15 @@ def test_unanswered_forwarded_commit_fails_and_the_cluster_converges(
         wait_for(ready.exists, 30, what="the command's open transaction")
         primary.proc.send_signal(signal.SIGSTOP)
         go.write_text("go")
+        # The forwarded commit waits for the frozen primary (up to 15 s) in a worker
+        # thread: meanwhile the replica node itself answers at once.
+        time.sleep(1.0)
+        assert not out.exists()
+        started = time.monotonic()
+        answer = status(replica)
+        assert time.monotonic() - started < 5.0, "the replica node froze"
+        assert answer["role"] == "replica", answer
+        assert not out.exists(), "the commit ended before the replica was asked"
         wait_for(out.exists, 60, what="the command's commit to end")
     finally:
         primary.proc.send_signal(signal.SIGCONT)

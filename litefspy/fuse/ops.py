@@ -31,6 +31,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -375,7 +376,7 @@ class Operations(pyfuse3.Operations):
             db = self._db(node.name)
             path = db.path(node.kind)
             if fields.update_size:
-                db.truncate(node.kind, attr.st_size)
+                await self.store.file_op(db, partial(db.truncate, node.kind, attr.st_size))
             if fields.update_mode:
                 os.chmod(path, stat.S_IMODE(attr.st_mode))
             if fields.update_uid or fields.update_gid:
@@ -475,7 +476,7 @@ class Operations(pyfuse3.Operations):
             fd = self._open_backing(db, node.kind, flags)
             if flags & os.O_TRUNC and self._wants_write(flags):
                 try:
-                    db.truncate(node.kind, 0)
+                    await self.store.file_op(db, partial(db.truncate, node.kind, 0))
                 except Exception:
                     os.close(fd)
                     raise
@@ -541,7 +542,7 @@ class Operations(pyfuse3.Operations):
             path = db.path(kind)
             fd = os.open(path, (flags & ~os.O_TRUNC) | os.O_CREAT, stat.S_IMODE(mode) or 0o644)
             if flags & os.O_TRUNC and os.fstat(fd).st_size > 0:
-                db.truncate(kind, 0)
+                await self.store.file_op(db, partial(db.truncate, kind, 0))
             db.created(kind)
             node = self.inodes.node_for(db_name, kind)
             attrs = self._attrs(node)
@@ -696,7 +697,11 @@ class Operations(pyfuse3.Operations):
         if handle.db is None or handle.fd < 0:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
-            return handle.db.write(handle.node.kind, handle.fd, off, buf)  # type: ignore[arg-type]
+            db = handle.db
+            kind: FileKind = handle.node.kind  # type: ignore[assignment]
+            if db.forward is None:  # the hot path: no detour through store.file_op
+                return db.write(kind, handle.fd, off, buf)
+            return await self.store.file_op(db, partial(db.write, kind, handle.fd, off, buf))
         except Exception as exc:
             raise _errno(exc, "write", mount_name(handle.node.name, handle.node.kind)) from None
 
@@ -762,7 +767,7 @@ class Operations(pyfuse3.Operations):
             db = self._db(db_name)
             if not db.path(kind).exists():
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            db.unlink(kind)
+            await self.store.file_op(db, partial(db.unlink, kind))
             self.inodes.retire(db_name, kind)
             if kind is FileKind.DATABASE:
                 # Deleting a database removes its sidecars too, behind the kernel's

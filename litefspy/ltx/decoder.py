@@ -223,6 +223,18 @@ def verify_file(path: StrPath) -> tuple[Header, Trailer]:
     and for snapshots also that the pages' database checksum equals the
     post-apply checksum.
     """
+    header, trailer, _ = _check_file(path, keep=False)
+    return header, trailer
+
+
+def read_verified(path: StrPath) -> tuple[Header, Trailer, list[tuple[int, bytes]]]:
+    """`verify_file`, keeping the decoded pages: a caller that then writes them
+    (a replica's apply of a small file) decodes the file once, not twice."""
+    return _check_file(path, keep=True)
+
+
+def _check_file(path: StrPath, *, keep: bool) -> tuple[Header, Trailer, list[tuple[int, bytes]]]:
+    pages: list[tuple[int, bytes]] = []
     try:
         with open(path, "rb") as f:
             dec = Decoder(f)
@@ -231,6 +243,8 @@ def verify_file(path: StrPath) -> tuple[Header, Trailer]:
             for pgno, data in dec.pages():
                 if snapshot:
                     xor ^= page_checksum(pgno, data)
+                if keep:
+                    pages.append((pgno, data))
             trailer = dec.trailer
         if snapshot and trailer.post_apply_checksum != CHECKSUM_FLAG | xor:
             raise LTXChecksumError(
@@ -239,4 +253,4 @@ def verify_file(path: StrPath) -> tuple[Header, Trailer]:
             )
     except LTXError as exc:
         raise _with_name(exc, path) from exc
-    return dec.header, trailer
+    return dec.header, trailer, pages

@@ -148,6 +148,9 @@ class Database:
         # Set while this replica holds a halt lock on the database: every commit
         # captured here is applied by the primary before it completes.
         self.forward: Forwarder | None = None
+        # While a worker thread runs a file operation that may capture a commit
+        # (write forwarding), its commit notices wait here for the trio thread.
+        self._held_notices: list[CommitInfo] | None = None
 
     # ----------------------------------------------------------------- paths
 
@@ -659,10 +662,23 @@ class Database:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("commit %s", kv(db=self.name, txid=f"{txid:016x}", pages=wrote))
         if notify and self.on_commit is not None:
-            self.on_commit(
-                CommitInfo(self.name, txid, final, size, now_ms),
-            )
+            info = CommitInfo(self.name, txid, final, size, now_ms)
+            if self._held_notices is not None:
+                self._held_notices.append(info)
+            else:
+                self.on_commit(info)
         return final
+
+    def hold_notices(self) -> None:
+        """Keep commit notices until `release_notices` (a worker thread captures)."""
+        self._held_notices = []
+
+    def release_notices(self) -> None:
+        """Trio thread: deliver the commit notices held since `hold_notices`."""
+        held, self._held_notices = self._held_notices or [], None
+        if self.on_commit is not None:
+            for info in held:
+                self.on_commit(info)
 
     def sync_pending(self) -> None:
         """Make every LTX file written so far durable (file data, then the directory)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -30,7 +30,7 @@ from litefspy.errors import (
 from litefspy.logs import kv
 from litefspy.ltx.apply import apply_files
 from litefspy.ltx.checksum import PageChecksums, page_checksum
-from litefspy.ltx.decoder import Decoder, verify_file
+from litefspy.ltx.decoder import Decoder, read_verified, verify_file
 from litefspy.ltx.format import Header, Trailer, lock_pgno
 from litefspy.sqlite.header import parse_database_header
 from litefspy.sqlite.journal import (
@@ -40,6 +40,7 @@ from litefspy.sqlite.journal import (
     super_journal_children,
 )
 from litefspy.store.database import (
+    ChecksumChanges,
     CommitInfo,
     Database,
     FileKind,
@@ -54,6 +55,7 @@ from litefspy.store.keeper import LockKeeper
 from litefspy.store.locks import Held, HeldLocks
 from litefspy.store.owner import lock_data_dir
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # Names the mount accepts as databases: no path separators, no sidecar suffixes,
@@ -223,6 +225,33 @@ class Store:
         # Backups: the newest TXID uploaded per database. Local retention keeps
         # every LTX file after it (the backup still needs them).
         self.keep_from: dict[str, int] = {}
+        # Per database: held by a forwarded commit's capture (write forwarding, in a
+        # worker thread) and by a replica apply, so the two never interleave.
+        self._capture_locks: dict[str, trio.Lock] = {}
+
+    def capture_lock(self, name: str) -> trio.Lock:
+        """The lock that keeps a forwarded capture and a replica apply of `name` apart."""
+        lock = self._capture_locks.get(name)
+        if lock is None:
+            lock = self._capture_locks[name] = trio.Lock()
+        return lock
+
+    async def file_op(self, db: Database, op: Callable[[], T]) -> T:
+        """Run a write, truncate or unlink of one of `db`'s files (FUSE handlers).
+
+        Normally right here on the trio thread: capture is quick. A database this
+        replica holds a halt lock on forwards each commit to the primary before it
+        completes (a network round trip, up to halt.COMMIT_TIMEOUT): that runs in a
+        worker thread, so the node's streams, heartbeats, RPCs and proxy go on.
+        """
+        if db.forward is None:
+            return op()
+        async with self.capture_lock(db.name):
+            db.hold_notices()
+            try:
+                return await trio.to_thread.run_sync(op)
+            finally:
+                db.release_notices()
 
     def open(self) -> None:
         """Recover every database found on disk."""
@@ -448,11 +477,29 @@ class Store:
         node's LTX files and a copy of its database are kept under
         `<data>/dbs/NAME/aside-<ms>/` instead of being dropped.
         """
+        pages: list[tuple[int, bytes]] | None = None
         if os.stat(path).st_size <= INLINE_VERIFY_BYTES:
-            # A small file verifies faster than a trip to a worker thread and back.
-            header, trailer = verify_file(path)
+            # A small file verifies faster than a trip to a worker thread and back,
+            # and its decoded pages are kept: the apply writes them without a
+            # second decode.
+            header, trailer, pages = read_verified(path)
         else:
             header, trailer = await trio.to_thread.run_sync(verify_file, path)
+        async with self.capture_lock(name):
+            return await self._apply_verified(
+                name, path, header, trailer, pages=pages, set_aside=set_aside
+            )
+
+    async def _apply_verified(
+        self,
+        name: str,
+        path: Path,
+        header: Header,
+        trailer: Trailer,
+        *,
+        pages: list[tuple[int, bytes]] | None,
+        set_aside: bool,
+    ) -> Position:
         if name in self.failed and header.is_snapshot:
             # An offline database (its history did not match at startup) is repaired
             # by a snapshot from the primary; what it had is kept aside. No wipe.
@@ -492,9 +539,9 @@ class Store:
         ):
             raise ReplicationError(f"page size change for {name} needs a snapshot")
         final = db.ltx_path(header.min_txid, header.max_txid)
-        current = db.checksums.copy() if db.checksums is not None else None
-        if deletion:
-            current = None
+        # The database's own checksums, changed in place with an undo record
+        # (_write_applied): no O(database size) copy per transaction.
+        current = None if deletion else db.checksums
         wal = db.is_wal_mode()
 
         locks = self._locks
@@ -510,6 +557,7 @@ class Store:
                 src=path,
                 final=final,
                 current=current,
+                pages=pages,
                 lock=lock,
                 set_aside=set_aside,
             )
@@ -531,6 +579,7 @@ class Store:
         src: Path,
         final: Path,
         current: PageChecksums | None,
+        pages: list[tuple[int, bytes]] | None,
         lock: Callable[[], Held],
         set_aside: bool,
     ) -> PageChecksums:
@@ -548,7 +597,7 @@ class Store:
         try:
             if db.needs_settling():
                 db.settle(verify=False)
-            after = self._write_applied(db, final, header, trailer, current)
+            after = self._write_applied(db, final, header, trailer, current, pages=pages)
             db.end_apply()
             self._after_apply(db.name, wal, held)
             return after
@@ -602,47 +651,76 @@ class Store:
         header: Header,
         trailer: Trailer,
         current: PageChecksums | None,
+        *,
+        pages: list[tuple[int, bytes]] | None,
     ) -> PageChecksums:
-        """Write the pages that differ (worker thread, exclusive locks held)."""
+        """Write the pages that differ (worker thread, exclusive locks held).
+
+        `current` is the database's own checksums: an incremental file changes
+        them in place with an undo record (rolled back on any failure); a
+        snapshot starts afresh and still compares against `current` to skip
+        unchanged pages. `pages`: the file's pages, already decoded and verified
+        (small files): the result is checked before the database changes.
+        Otherwise the file is decoded here as it is written.
+        """
         page_size = header.page_size
         if current is not None and current.page_size != page_size:
             current = None
-        # `current` is the caller's private copy: an incremental file updates it in
-        # place (each page is compared before it is set); a snapshot starts empty
-        # and still compares against `current` to skip unchanged pages.
-        after = PageChecksums(page_size) if header.is_snapshot or current is None else current
-        if header.is_snapshot:
-            # Nothing of the old state may overlay the snapshot for readers.
-            db.path(FileKind.JOURNAL).unlink(missing_ok=True)
-            wal_path = db.path(FileKind.WAL)
-            if wal_path.exists():
-                os.truncate(wal_path, 0)
-        fd = os.open(db.db_path, os.O_RDWR | os.O_CREAT, 0o644)
+        changes = None
+        if header.is_snapshot or current is None:
+            after = PageChecksums(page_size)
+            track: PageChecksums | ChecksumChanges = after
+        else:
+            after = current
+            track = changes = ChecksumChanges(current)
         try:
-            with open(ltx, "rb") as f:
-                dec = Decoder(f)
-                for pgno, data in dec.pages():
+            todo: list[tuple[int, bytes]] | None = None
+            if pages is not None:
+                todo = []
+                for pgno, data in pages:
                     ck = page_checksum(pgno, data)
                     if current is None or current.get(pgno) != ck:
+                        todo.append((pgno, data))
+                    track.set(pgno, ck)
+                track.truncate(header.commit)
+                if header.commit:
+                    _check_result(db, ltx, after, trailer)
+            if header.is_snapshot:
+                # Nothing of the old state may overlay the snapshot for readers.
+                db.path(FileKind.JOURNAL).unlink(missing_ok=True)
+                wal_path = db.path(FileKind.WAL)
+                if wal_path.exists():
+                    os.truncate(wal_path, 0)
+            fd = os.open(db.db_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if todo is not None:
+                    for pgno, data in todo:
                         os.pwrite(fd, data, (pgno - 1) * page_size)
-                    after.set(pgno, ck)
-            lock = lock_pgno(page_size)
-            if header.is_snapshot and header.commit >= lock:
-                os.pwrite(fd, bytes(page_size), (lock - 1) * page_size)
-            after.truncate(header.commit)
-            os.ftruncate(fd, header.commit * page_size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if header.commit == 0:
-            for kind in FileKind:
-                if kind is not FileKind.SHM:
-                    db.path(kind).unlink(missing_ok=True)
-        elif after.total != trailer.post_apply_checksum:
-            raise LTXError(
-                f"applying {ltx.name} to {db.name} gave checksum {after.total:016x}, "
-                f"expected {trailer.post_apply_checksum:016x}"
-            )
+                else:
+                    with open(ltx, "rb") as f:
+                        for pgno, data in Decoder(f).pages():
+                            ck = page_checksum(pgno, data)
+                            if current is None or current.get(pgno) != ck:
+                                os.pwrite(fd, data, (pgno - 1) * page_size)
+                            track.set(pgno, ck)
+                    track.truncate(header.commit)
+                lock = lock_pgno(page_size)
+                if header.is_snapshot and header.commit >= lock:
+                    os.pwrite(fd, bytes(page_size), (lock - 1) * page_size)
+                os.ftruncate(fd, header.commit * page_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if header.commit == 0:
+                for kind in FileKind:
+                    if kind is not FileKind.SHM:
+                        db.path(kind).unlink(missing_ok=True)
+            else:
+                _check_result(db, ltx, after, trailer)
+        except BaseException:
+            if changes is not None:
+                changes.rollback()
+            raise
         return after
 
     def _after_apply(self, name: str, wal: bool, held: Held | None = None) -> None:
@@ -794,10 +872,14 @@ class Store:
                             f.write(data)
                             f.flush()
                         os.fsync(f.fileno())
-                    header, trailer = verify_file(path)
+                    pages = None
+                    if os.stat(path).st_size <= INLINE_VERIFY_BYTES:
+                        header, trailer, pages = read_verified(path)
+                    else:
+                        header, trailer = verify_file(path)
                     self._check_forwarded(db, header)
                     assert db.checksums is not None
-                    current = db.checksums.copy()
+                    current = db.checksums
                     final = db.ltx_path(header.min_txid, header.max_txid)
                     wal = db.is_wal_mode()
                     started.append(final)
@@ -808,6 +890,7 @@ class Store:
                         src=path,
                         final=final,
                         current=current,
+                        pages=pages,
                         lock=lambda: locks.exclude_readers(name, wal),
                         set_aside=False,
                     )
@@ -878,11 +961,13 @@ class Store:
         db = self._dbs.get(name)
         if db is None or db.forward is None:
             return
-        db.forward = None
-        db.writable = self.writable
-        if not self.writable:
-            with trio.CancelScope(shield=True):
-                await self._settle_database(db, "write forwarding", verify=False)
+        with trio.CancelScope(shield=True):
+            # A forwarded commit in flight finishes (or fails) first.
+            async with self.capture_lock(name):
+                db.forward = None
+                db.writable = self.writable
+                if not self.writable:
+                    await self._settle_database(db, "write forwarding", verify=False)
 
     # ------------------------------------------------------- import / export
 
@@ -979,3 +1064,11 @@ def _children(super_journal: Path) -> list[str]:
 def _continues(db: Database, header: Header) -> bool:
     """Does the LTX file start right after the database's position?"""
     return header.min_txid == db.pos.txid + 1 and header.pre_apply_checksum == db.pos.checksum
+
+
+def _check_result(db: Database, ltx: Path, after: PageChecksums, trailer: Trailer) -> None:
+    if after.total != trailer.post_apply_checksum:
+        raise LTXError(
+            f"applying {ltx.name} to {db.name} gave checksum {after.total:016x}, "
+            f"expected {trailer.post_apply_checksum:016x}"
+        )
