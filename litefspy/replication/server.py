@@ -79,6 +79,11 @@ class ReplicaSession:
     bytes_sent: int = 0
     ready: bool = False
     wake: trio.Event = field(default_factory=trio.Event)
+    # Databases committed to since the last pass: a wake-up looks at these only.
+    # `full_pass` makes the next pass look at every database (the first one, a
+    # retry, a poll from wait_caught_up).
+    changed: set[str] = field(default_factory=set)
+    full_pass: bool = True
     # Deleted databases this replica cannot follow (it diverged before the delete).
     skipped: set[str] = field(default_factory=set)
     # Databases the replica holds offline (failed recovery): left alone.
@@ -126,8 +131,8 @@ class ReplicationServer:
 
     def _on_commit(self, info: CommitInfo) -> None:
         # Runs inside the FUSE handler that committed: only wake the sessions.
-        del info
         for session in self.sessions:
+            session.changed.add(info.name)
             session.wake.set()
 
     async def shutdown(self, reason: str, grace: float = 2.0, *, drain: bool = False) -> None:
@@ -170,6 +175,7 @@ class ReplicationServer:
             progress = session.progress
             if self.is_caught_up(session):
                 return True
+            session.full_pass = True
             session.wake.set()
             # Polled as well: a snapshot that failed is retried without progress.
             with trio.move_on_after(0.05):
@@ -263,7 +269,7 @@ class ReplicationServer:
             if ending is not None and not self._drain:
                 await send.send(Frame(end=pb.End(reason=ending)))
                 return
-            for db in self.store.databases():
+            for db in self._to_look_at(session, ending is not None):
                 await self._sync_database(session, db, send)
                 if self._stopping:
                     break
@@ -283,6 +289,19 @@ class ReplicationServer:
                 )
             with trio.move_on_after(RETRY_INTERVAL if session.failing else math.inf):
                 await session.wake.wait()
+            if session.failing:
+                session.full_pass = True
+
+    def _to_look_at(self, session: ReplicaSession, ending: bool) -> list[Database]:
+        """The databases one pass of `_follow` looks at: those committed to since the
+        last pass (a commit names its database), or all of them for a full pass."""
+        if session.full_pass or ending:
+            session.full_pass = False
+            session.changed.clear()
+            return self.store.databases()
+        names, session.changed = session.changed, set()
+        found = (self.store.get_if_online(name) for name in sorted(names))
+        return [db for db in found if db is not None]
 
     @property
     def _stopping(self) -> bool:
