@@ -25,10 +25,12 @@ def add_parsers(sub: Any) -> None:
 
 def _cmd_mount(args: argparse.Namespace) -> int:
     from litefspy.config import load_config
+
+    # The config first: a mistake in it is reported before the heavy imports.
+    config = load_config(args.config, expand_env=not args.no_expand_env)
     from litefspy.fuse.mount import check_can_mount
     from litefspy.node import Node
 
-    config = load_config(args.config, expand_env=not args.no_expand_env)
     check_can_mount()
     logs.setup(config.log.format, config.log.debug)
     for warning in config.warnings:
