@@ -16,9 +16,13 @@ PROMOTE_TIMEOUT = 30.0
 
 
 def add_url_args(p: argparse.ArgumentParser) -> None:
-    """`--url` and `-c/--config`: which node a command talks to (see default_url)."""
+    """`--url` and `-c/--config`: which node a command talks to (see default_url).
+
+    `-url` and `-config` are LiteFS's spellings (`litefs import -url ...`), kept as aliases.
+    """
     p.add_argument(
         "--url",
+        "-url",
         help=f"the node's gRPC URL (default: grpc.addr of the local fuse.yml, else {FALLBACK_URL})",
     )
     p.add_argument(

@@ -1,6 +1,6 @@
 """Coming from LiteFS, through the real CLI: `mount -config litefs.yml`, litefs.yml found
-without a flag, `run -promote -if-candidate -with-halt-lock-on`, and the config mistakes
-LiteFS users make (duplicate keys, `http.addr`) as one-line errors."""
+without a flag, `run -promote -if-candidate -with-halt-lock-on`, `export -name -url`, and
+the config mistakes LiteFS users make (duplicate keys, `http.addr`) as one-line errors."""
 
 from __future__ import annotations
 
@@ -84,6 +84,16 @@ def test_litefs_spellings_on_a_real_mount(node_factory) -> None:
     finally:
         conn.close()
     assert node.pos("app.db")[0] >= 1
+
+    # `litefs export -name DB PATH`, as LiteFS spells it.
+    out = node.root / "copy.db"
+    res = cli("export", "-name", "app.db", "-url", node.url, str(out), cwd=node.root)
+    assert res.returncode == 0, res.stderr
+    conn = sqlite3.connect(out)
+    try:
+        assert conn.execute("SELECT x FROM t").fetchall() == [(42,)]
+    finally:
+        conn.close()
 
     # The long spellings still work, side by side with the aliases.
     res = cli("status", "--config", "litefs.yml", cwd=node.root)
