@@ -288,3 +288,42 @@ def test_container_image_mounts_and_serves(tmp_path: Path) -> None:
     finally:
         subprocess.run([tool, "rm", "-f", name], capture_output=True, timeout=120, check=False)
         subprocess.run([tool, "rmi", "-f", tag], capture_output=True, timeout=120, check=False)
+
+
+# --------------------------------------------------------------------------- make run / make test
+
+
+def _make_plan(target: str) -> str:
+    # -n: print, do not run; -B: as if nothing were installed yet (a fresh machine).
+    # Not the flags of a `make test` this may run under.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    res = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-B", "-C", str(REPO), target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_make_run_installs_only_what_running_needs() -> None:
+    plan = _make_plan("run")
+    apt = [line for line in plan.splitlines() if "apt-install.sh" in line]
+    assert len(apt) == 1 and "fuse3" in apt[0] and "libfuse3-dev" in apt[0]
+    for test_only in ("etcd-server", "nftables", "sqlite3", "rsync"):
+        assert test_only not in plan
+    assert 'pip install -q -e "."' in plan
+    assert "[dev]" not in plan
+    assert plan.rstrip().splitlines()[-1].endswith("-m litefspy.devrun")
+
+
+def test_make_test_adds_the_test_packages_and_dev_extras() -> None:
+    plan = _make_plan("test")
+    apt = " ".join(line for line in plan.splitlines() if "apt-install.sh" in line)
+    for package in ("fuse3", "etcd-server", "nftables", "iproute2", "rsync", "sqlite3"):
+        assert package in apt
+    assert 'pip install -q -e ".[dev]"' in plan
+    assert "pytest" in plan.rstrip().splitlines()[-1]
