@@ -198,6 +198,15 @@ def test_wheel_builds_and_runs_alone_in_a_fresh_venv(tmp_path: Path) -> None:
     assert res.stdout.startswith(str(venv)), res.stdout  # the installed copy, not the tree
     res = _run([str(python), "-c", "import pytest"], tmp_path)
     assert res.returncode != 0, "a runtime install must not bring the dev tools"
+    # ...and no module of litefspy may need one of them (or anything undeclared).
+    import_all = (
+        "import importlib, pkgutil, litefspy\n"
+        "for m in pkgutil.walk_packages(litefspy.__path__, 'litefspy.'):\n"
+        "    if m.name != 'litefspy.__main__':\n"
+        "        importlib.import_module(m.name)\n"
+    )
+    res = _run([str(python), "-c", import_all], tmp_path)
+    assert res.returncode == 0, f"a module does not import from the wheel alone:\n{res.stderr}"
 
     db = tmp_path / "app.db"
     conn = sqlite3.connect(db)
