@@ -3,36 +3,48 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev sqlite3 etcd-server nftables iproute2 rsync
+# What running needs: FUSE, and what building the Python dependencies needs
+# (pyfuse3 compiles against libfuse3; a venv needs python3-venv on Debian).
+APT_RUN := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
+# What only the tests need. etcd-server's own service is left stopped and
+# disabled (scripts/apt-install.sh): the tests start their own etcd.
+APT_TEST := sqlite3 etcd-server nftables iproute2 rsync
 PYTEST_ARGS ?=
 
-.PHONY: all deps system-deps venv run test lint fmt proto bench clean
+.PHONY: all deps run-deps system-deps venv run test lint fmt proto bench clean
 
 all: test
 
-system-deps: .stamp-apt
-.stamp-apt: Makefile
-	@missing=""; for p in $(APT_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing system packages:$$missing"; \
-	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install:$$missing" >&2; exit 1; fi; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+# `make run` installs the runtime only: system packages, litefspy and its
+# dependencies (no extras). Everything else (`make test`, `lint`, ...) adds
+# the test packages and the dev extras (pytest, mypy, ruff, grpcio-tools...).
+.stamp-apt-run: Makefile scripts/apt-install.sh
+	@scripts/apt-install.sh $(APT_RUN)
 	@touch $@
+.stamp-apt-test: Makefile scripts/apt-install.sh .stamp-apt-run
+	@scripts/apt-install.sh $(APT_TEST)
+	@touch $@
+system-deps: .stamp-apt-run .stamp-apt-test
 
-venv: $(VENV)/.stamp
-$(VENV)/.stamp: pyproject.toml .stamp-apt
+define PIP_INSTALL
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip >$(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
-	@$(PY) -m pip install -q -e ".[dev]" >>$(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
+	@$(PY) -m pip install -q -e "$(1)" >>$(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
 	@$(PY) -c 'import litefspy, pyfuse3, grpc, trio' # fails loudly if the install did not work
+endef
+
+$(VENV)/.stamp-run: pyproject.toml .stamp-apt-run
+	$(call PIP_INSTALL,.)
 	@touch $@
+# The dev install includes the runtime one, so it refreshes both stamps.
+$(VENV)/.stamp-dev: pyproject.toml .stamp-apt-run .stamp-apt-test
+	$(call PIP_INSTALL,.[dev])
+	@touch $(VENV)/.stamp-run $@
 
-deps: venv
+run-deps: $(VENV)/.stamp-run
+deps venv: $(VENV)/.stamp-dev
 
-run: deps
+run: run-deps
 	$(PY) -m litefspy.devrun
 
 # The suite runs in a private mount namespace without fusectl
@@ -60,4 +72,4 @@ bench: deps
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .stamp-apt .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .stamp-apt .stamp-apt-run .stamp-apt-test .mypy_cache .ruff_cache .pytest_cache

@@ -16,12 +16,18 @@ PROMOTE_TIMEOUT = 30.0
 
 
 def add_url_args(p: argparse.ArgumentParser) -> None:
-    """`--url` and `-c/--config`: which node a command talks to (see default_url)."""
+    """`--url` and `-c/--config`: which node a command talks to (see default_url).
+
+    `-url` and `-config` are LiteFS's spellings (`litefs import -url ...`), kept as aliases.
+    """
     p.add_argument(
         "--url",
+        "-url",
         help=f"the node's gRPC URL (default: grpc.addr of the local fuse.yml, else {FALLBACK_URL})",
     )
-    p.add_argument("-c", "--config", help="fuse.yml to take the default --url from")
+    p.add_argument(
+        "-c", "--config", "-config", help="fuse.yml (or litefs.yml) to take the default --url from"
+    )
 
 
 def add_parsers(sub: Any) -> None:
@@ -43,16 +49,22 @@ def add_parsers(sub: Any) -> None:
         "a handoff from the current primary (--promote). Exits with CMD's code.",
     )
     add_url_args(p)
+    # The single-dash spellings are LiteFS's (`litefs run -promote ...`), kept as aliases.
     p.add_argument(
-        "--promote", action="store_true", help="make the node the primary first (lease handoff)"
+        "--promote",
+        "-promote",
+        action="store_true",
+        help="make the node the primary first (lease handoff)",
     )
     p.add_argument(
         "--if-candidate",
+        "-if-candidate",
         action="store_true",
         help="do nothing (exit 0) unless the node is a candidate (lease.candidate: true)",
     )
     p.add_argument(
         "--with-halt-lock-on",
+        "-with-halt-lock-on",
         metavar="DB",
         help="on a replica: pause the primary's writers of DB and let CMD write to DB here; "
         "each transaction is applied by the primary before it completes (write forwarding)",

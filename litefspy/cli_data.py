@@ -26,13 +26,13 @@ def add_parsers(sub: Any) -> None:
     from litefspy.cli_cluster import add_url_args
 
     p = sub.add_parser("import", help="replace or create a database from a SQLite file (primary)")
-    p.add_argument("--name", required=True, help="database name inside the mount")
+    p.add_argument("--name", "-name", required=True, help="database name inside the mount")
     p.add_argument("path", metavar="PATH", help="SQLite database file to upload")
     add_url_args(p)
     p.set_defaults(handler=_cmd_import)
 
     p = sub.add_parser("export", help="write a consistent copy of a database to a file")
-    p.add_argument("--name", required=True, help="database name inside the mount")
+    p.add_argument("--name", "-name", required=True, help="database name inside the mount")
     p.add_argument("path", metavar="PATH", help="file to write (replaced if it exists)")
     add_url_args(p)
     p.set_defaults(handler=_cmd_export)

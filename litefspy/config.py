@@ -3,14 +3,17 @@
 The file is YAML. Before parsing, environment references are expanded in the
 raw text (`${VAR}`, `$VAR`, `${VAR == 'x'}`, `${VAR != "x"}`, `${A == B}`), so
 one file can serve every node of a cluster (Fly.io style). Every key is
-checked: an unknown or misspelled key, a missing required key or a value of
-the wrong type is a `ConfigError` naming the file and the full dotted key,
-because a silently ignored setting in a replication system means data goes
-somewhere the operator did not intend.
+checked: an unknown or misspelled key, a key given twice, a missing required
+key or a value of the wrong type is a `ConfigError` naming the file and the
+full dotted key, because a silently ignored setting in a replication system
+means data goes somewhere the operator did not intend. A variable that is
+unset where it is expanded is not an error (it may be meant to be empty), but
+it is reported in `Config.warnings`, which `litefspy mount` logs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -50,6 +53,9 @@ __all__ = [
 ]
 
 CONFIG_FILENAME = "fuse.yml"
+# LiteFS's name for the same file: found when no fuse.yml is, so a LiteFS
+# deployment's config works as it is.
+LITEFS_CONFIG_FILENAME = "litefs.yml"
 SYSTEM_CONFIG_PATH = Path("/etc") / CONFIG_FILENAME
 DEFAULT_GRPC_ADDR = ":20202"
 LEASE_TYPES = ("static", "etcd")
@@ -200,6 +206,9 @@ class Config:
     backup: BackupConfig = field(default_factory=BackupConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<string>"
+    # Problems that do not stop the node (an unset environment variable), one
+    # line each, naming the file and line; `litefspy mount` logs them.
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(
@@ -218,16 +227,25 @@ class Config:
 
 def find_config_path(explicit: str | None, *, system_path: Path = SYSTEM_CONFIG_PATH) -> Path:
     """Return the config file to use: `explicit` (-c PATH), else the first existing
-    of `./fuse.yml`, `~/fuse.yml`, `/etc/fuse.yml`.
+    of `./fuse.yml`, `~/fuse.yml`, `/etc/fuse.yml`, then LiteFS's names
+    `./litefs.yml`, `~/litefs.yml`, `/etc/litefs.yml`.
 
-    `system_path` exists so tests need not touch /etc.
+    `system_path` exists so tests need not touch /etc (LiteFS's name is looked
+    for next to it).
     """
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
             raise ConfigError(f"config file not found: {explicit}")
         return path
-    candidates = [Path.cwd() / CONFIG_FILENAME, Path.home() / CONFIG_FILENAME, system_path]
+    candidates = [
+        Path.cwd() / CONFIG_FILENAME,
+        Path.home() / CONFIG_FILENAME,
+        system_path,
+        Path.cwd() / LITEFS_CONFIG_FILENAME,
+        Path.home() / LITEFS_CONFIG_FILENAME,
+        system_path.with_name(LITEFS_CONFIG_FILENAME),
+    ]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -263,13 +281,14 @@ def parse_config(
     `environ` defaults to `os.environ`; `hostname` (default: the OS hostname)
     is what `lease.hostname` falls back to.
     """
+    warnings: list[str] = []
     if expand_env:
         try:
-            text = _expand_env(text, os.environ if environ is None else environ)
+            text = _expand_env(text, os.environ if environ is None else environ, warnings)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text, source)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -281,7 +300,57 @@ def parse_config(
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
-    return config_from_dict(raw, source=source, hostname=hostname)
+    config = config_from_dict(raw, source=source, hostname=hostname)
+    if not warnings:
+        return config
+    return dataclasses.replace(config, warnings=tuple(f"{source}: {w}" for w in warnings))
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load`, except that a key given twice in one mapping is a ConfigError.
+
+    PyYAML silently keeps the last of two equal keys; LiteFS (Go's yaml.v3)
+    rejects the file, and so does litefspy: one of the two values was meant
+    and the reader cannot tell which.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, "", source, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_duplicate_keys(node: yaml.Node, path: str, source: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias to a node already checked (or to itself)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{index}]", source, seen)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _YAML_MERGE_TAG:
+            continue
+        name = str(key_node.value)
+        dotted = f"{path}.{name}" if path else name
+        line = key_node.start_mark.line + 1
+        if name in first_line:
+            raise ConfigError(
+                f'{source}: duplicate key "{dotted}" at line {line} (first at line '
+                f"{first_line[name]}): give each key once"
+            )
+        first_line[name] = line
+        _check_duplicate_keys(value_node, dotted, source, seen)
+
+
+_YAML_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 # --------------------------------------------------------------------------- env expansion
@@ -293,19 +362,49 @@ _EXPR_RE = re.compile(rf"\s*({_OPERAND})\s*(==|!=)\s*({_OPERAND})\s*")
 _VAR_RE = re.compile(rf"\s*({_NAME})\s*")
 
 
-def expand_env(text: str, environ: Mapping[str, str]) -> str:
+def expand_env(text: str, environ: Mapping[str, str], warnings: list[str] | None = None) -> str:
     """Expand `${VAR}`, `$VAR` and the comparisons `${A == B}` / `${A != B}`.
 
     Operands of a comparison are variable names or quoted literals ('x' or
     "x"); the comparison becomes `true` or `false`. Unset variables are empty
-    strings. A `$` not followed by a name or `{` is left alone. A malformed
+    strings, and each one expanded outside a YAML comment adds one line to
+    `warnings` (the first line it is used on). A comparison of two variables
+    that are both unset (`${FLY_REGION == PRIMARY_REGION}` off Fly.io) is a
+    ConfigError: "" == "" would make it silently true, e.g. every node a
+    candidate. A `$` not followed by a name or `{` is left alone. A malformed
     `${...}` is a ConfigError (with its line) rather than silently kept, since
     it is almost always a typo in the file.
     """
-    return _expand_env(text, environ)
+    return _expand_env(text, environ, warnings)
 
 
-def _expand_env(text: str, environ: Mapping[str, str]) -> str:
+class _Expansion:
+    """Where one reference is: its line, whether it is inside a YAML comment, and
+    the unset variables reported so far (each once)."""
+
+    def __init__(
+        self, environ: Mapping[str, str], warnings: list[str] | None, reported: set[str]
+    ) -> None:
+        self.environ = environ
+        self.warnings = warnings
+        self.reported = reported
+        self.line = 1
+        self.in_comment = False
+
+    def value(self, name: str) -> str:
+        value = self.environ.get(name)
+        if value is not None:
+            return value
+        if not self.in_comment and self.warnings is not None and name not in self.reported:
+            self.reported.add(name)
+            self.warnings.append(
+                f'line {self.line}: environment variable {name} is not set; expanded to ""'
+            )
+        return ""
+
+
+def _expand_env(text: str, environ: Mapping[str, str], warnings: list[str] | None = None) -> str:
+    ctx = _Expansion(environ, warnings, set())
     out: list[str] = []
     i = 0
     n = len(text)
@@ -315,12 +414,13 @@ def _expand_env(text: str, environ: Mapping[str, str]) -> str:
             out.append(text[i:])
             break
         out.append(text[i:j])
+        ctx.line = text.count("\n", 0, j) + 1
+        ctx.in_comment = _in_yaml_comment(text[text.rfind("\n", 0, j) + 1 : j])
         if j + 1 < n and text[j + 1] == "{":
             end = text.find("}", j + 2)
             if end < 0:
-                line = text.count("\n", 0, j) + 1
-                raise ConfigError(f"line {line}: unterminated ${{ in environment expansion")
-            out.append(_expand_braced(text[j + 2 : end], environ, text.count("\n", 0, j) + 1))
+                raise ConfigError(f"line {ctx.line}: unterminated ${{ in environment expansion")
+            out.append(_expand_braced(text[j + 2 : end], ctx))
             i = end + 1
             continue
         match = _NAME_RE.match(text, j + 1)
@@ -328,31 +428,73 @@ def _expand_env(text: str, environ: Mapping[str, str]) -> str:
             out.append("$")
             i = j + 1
             continue
-        out.append(environ.get(match.group(0), ""))
+        out.append(ctx.value(match.group(0)))
         i = match.end()
     return "".join(out)
 
 
-def _expand_braced(body: str, environ: Mapping[str, str], line: int) -> str:
+def _expand_braced(body: str, ctx: _Expansion) -> str:
     var = _VAR_RE.fullmatch(body)
     if var is not None:
-        return environ.get(var.group(1), "")
+        return ctx.value(var.group(1))
     expr = _EXPR_RE.fullmatch(body)
     if expr is None:
         raise ConfigError(
-            f"line {line}: cannot expand ${{{body}}}: expected ${{VAR}}, ${{VAR == 'value'}}, "
-            "${VAR != 'value'} or ${VAR1 == VAR2}"
+            f"line {ctx.line}: cannot expand ${{{body}}}: expected ${{VAR}}, "
+            "${VAR == 'value'}, ${VAR != 'value'} or ${VAR1 == VAR2}"
         )
-    left = _operand_value(expr.group(1), environ)
-    right = _operand_value(expr.group(3), environ)
+    left_token, right_token = expr.group(1), expr.group(3)
+    unset = [t for t in (left_token, right_token) if t[0] not in "'\"" and t not in ctx.environ]
+    if len(unset) == 2 and not ctx.in_comment:
+        raise ConfigError(
+            f"line {ctx.line}: cannot expand ${{{body.strip()}}}: neither {unset[0]} nor "
+            f"{unset[1]} is set (two unset variables are not taken as equal); set them, or "
+            "compare with a quoted value "
+            f"(${{{unset[0]} == 'value'}})"
+        )
+    left = _operand_value(left_token, ctx)
+    right = _operand_value(right_token, ctx)
     equal = left == right
     return "true" if equal == (expr.group(2) == "==") else "false"
 
 
-def _operand_value(token: str, environ: Mapping[str, str]) -> str:
+def _operand_value(token: str, ctx: _Expansion) -> str:
     if token[0] in "'\"":
         return token[1:-1]
-    return environ.get(token, "")
+    return ctx.value(token)
+
+
+def _in_yaml_comment(line_before: str) -> bool:
+    """Whether a `$` preceded on its line by `line_before` sits in a YAML comment.
+
+    A `#` starts a comment at the start of a line or after whitespace, outside
+    quotes; a quote opens a quoted scalar only where a value can start (after
+    `:`, `-`, `[`, `{`, `,` or at the start), so the apostrophe of `don't`
+    does not. A quoted value spanning lines is not followed: a reference on its
+    second line counts as outside a comment, which errs towards warning.
+    """
+    quote = ""
+    last = ""  # the last non-space character outside quotes
+    prev = " "
+    i = 0
+    while i < len(line_before):
+        c = line_before[i]
+        if quote:
+            if quote == '"' and c == "\\":
+                i += 2
+                continue
+            if c == quote:
+                quote = ""
+                last = c
+        elif c == "#" and prev.isspace():
+            return True
+        elif c in "'\"" and last in ("", ":", "-", "[", "{", ",", "?"):
+            quote = c
+        elif not c.isspace():
+            last = c
+        prev = c
+        i += 1
+    return False
 
 
 # --------------------------------------------------------------------------- durations
@@ -486,6 +628,18 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+# LiteFS keys that litefspy spells differently or does not have: the unknown
+# key error says so instead of a did-you-mean guess.
+_LITEFS_HINTS = {
+    "http": "litefspy calls http.addr grpc.addr",
+    "http.addr": "litefspy calls this grpc.addr",
+    "lease.consul": 'litefspy has no Consul lease: use lease.type "etcd" (lease.etcd) or "static"',
+    "tracing": "litefspy has no trace file; log.debug logs every transaction",
+    "backup.type": "litefspy backs up to backup.url (file:// or s3://), not LiteFS Cloud",
+    "backup.auth-token": "litefspy backs up to backup.url (file:// or s3://), not LiteFS Cloud",
+}
+
+
 class _Section:
     """Typed access to one mapping of the file, with its dotted prefix for messages.
 
@@ -501,13 +655,25 @@ class _Section:
         self.prefix = prefix
         self.source = source
         self.known = tuple(known)
-        for raw_key in data:
+        for raw_key, value in data.items():
             name = str(raw_key)
             if name in self.known:
                 continue
-            hint = difflib.get_close_matches(name, self.known, n=1, cutoff=0.6)
-            suggestion = f' (did you mean "{self.key(hint[0])}"?)' if hint else ""
-            raise ConfigError(f'{source}: unknown key "{self.key(name)}"{suggestion}')
+            raise ConfigError(f"{source}: {self._unknown(name, value)}")
+
+    def _unknown(self, name: str, value: Any) -> str:
+        dotted = self.key(name)
+        if isinstance(value, Mapping):
+            # `http: {addr: ...}`: name the LiteFS key itself when there is a hint for it.
+            for child in value:
+                if f"{dotted}.{child}" in _LITEFS_HINTS:
+                    dotted = f"{dotted}.{child}"
+                    break
+        if dotted in _LITEFS_HINTS:
+            return f'unknown key "{dotted}" ({_LITEFS_HINTS[dotted]})'
+        hint = difflib.get_close_matches(name, self.known, n=1, cutoff=0.6)
+        suggestion = f' (did you mean "{self.key(hint[0])}"?)' if hint else ""
+        return f'unknown key "{dotted}"{suggestion}'
 
     def key(self, name: str) -> str:
         return f"{self.prefix}{name}"

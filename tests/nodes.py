@@ -69,6 +69,8 @@ class NodeProcess:
         self.log_path = self.root / "node.log"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        # What follows `litefspy mount` (run from `root`); a test may spell it otherwise.
+        self.mount_args = ["-c", str(self.config_path)]
         self.root.mkdir(parents=True, exist_ok=True)
         lease_text = lease or (
             "lease:\n  type: static\n  candidate: true\n"
@@ -108,8 +110,7 @@ class NodeProcess:
                 "-m",
                 "litefspy",
                 "mount",
-                "-c",
-                str(self.config_path),
+                *self.mount_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

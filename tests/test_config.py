@@ -171,6 +171,8 @@ def test_repository_example_file() -> None:
     assert cfg.data.retention == 600.0
     assert cfg.log.format == "text"
     assert cfg.source.endswith("fuse.yml")
+    # Its comments mention ${FLY_REGION == PRIMARY_REGION} etc.: no warning, no error.
+    assert cfg.warnings == ()
 
 
 def test_repository_example_backup_block_parses() -> None:
@@ -595,3 +597,108 @@ def test_load_config_errors_name_the_file(dirs: dict[str, Path]) -> None:
     path.write_text(MINIMAL + "bogus: 1\n")
     with pytest.raises(ConfigError, match=re.escape(f'{path}: unknown key "bogus"')):
         load_config(path)
+
+
+def test_litefs_yml_is_found_after_every_fuse_yml(dirs: dict[str, Path]) -> None:
+    system = dirs["etc"] / "fuse.yml"
+    litefs_etc = dirs["etc"] / "litefs.yml"
+    litefs_etc.write_text(MINIMAL.replace("/mnt/litefs", "/litefs-etc"))
+    assert find_config_path(None, system_path=system) == litefs_etc
+    litefs_cwd = dirs["cwd"] / "litefs.yml"
+    litefs_cwd.write_text(MINIMAL.replace("/mnt/litefs", "/litefs-cwd"))
+    assert find_config_path(None, system_path=system) == litefs_cwd
+    # Any fuse.yml, even the system-wide one, comes before LiteFS's name.
+    write_config(dirs["etc"], "/from-etc")
+    assert find_config_path(None, system_path=system) == system
+    litefs_cwd.unlink()
+    system.unlink()
+    litefs_etc.unlink()
+    with pytest.raises(ConfigError) as info:
+        find_config_path(None, system_path=system)
+    for where in (dirs["cwd"] / "litefs.yml", dirs["home"] / "litefs.yml", litefs_etc):
+        assert str(where) in str(info.value)
+
+
+# --------------------------------------------------------------------------- common mistakes
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (MINIMAL + "lease:\n  type: etcd\n", 'duplicate key "lease" at line 7 (first at line 5)'),
+        (
+            MINIMAL.replace("  type: static\n", "  type: static\n  candidate: true\n")
+            + "data:\n  dir: /x\n",
+            'duplicate key "data" at line 8 (first at line 3)',
+        ),
+        (
+            MINIMAL + "proxy:\n  addr: ':8080'\n  target: a:1\n  addr: ':8081'\n",
+            'duplicate key "proxy.addr" at line 10 (first at line 8)',
+        ),
+        (
+            MINIMAL + "exec:\n  - cmd: ./a\n    cmd: ./b\n",
+            'duplicate key "exec[0].cmd" at line 9 (first at line 8)',
+        ),
+        (
+            MINIMAL.replace("type: static", "{type: static, type: etcd}").replace("\n  {", " {"),
+            'duplicate key "lease.type" at line 5',
+        ),
+    ],
+)
+def test_duplicate_keys_are_rejected_with_key_and_line(text: str, message: str) -> None:
+    msg = error_of(text)
+    assert msg.startswith("fuse.yml: ")
+    assert message in msg
+    assert "\n" not in msg
+
+
+def test_equal_keys_in_different_mappings_are_not_duplicates() -> None:
+    cfg = parse(
+        MINIMAL + "proxy: {addr: ':8080', target: 'a:1', db: app.db}\nmetrics: {addr: ':9'}\n"
+    )
+    assert (cfg.proxy.addr, cfg.metrics.addr) == (":8080", ":9")
+
+
+def test_litefs_http_addr_gets_a_hint() -> None:
+    msg = error_of(MINIMAL + "http:\n  addr: ':20202'\n")
+    assert msg == 'fuse.yml: unknown key "http.addr" (litefspy calls this grpc.addr)'
+    msg = error_of(MINIMAL.replace("  type: static\n", "  type: consul\n  consul: {url: x}\n"))
+    assert 'unknown key "lease.consul"' in msg and '"etcd"' in msg
+
+
+def test_unset_variables_are_warned_about_once_each_with_their_line() -> None:
+    text = (
+        MINIMAL.replace("/mnt/litefs", "/mnt/${APP_DIR}")
+        + "exec: ./serve --port $PORT --name ${APP_DIR}\n"
+        + "# in a comment: ${COMMENTED} and ${A == B}\n"
+        + "log: {format: text}  # ${TRAILING}\n"
+    )
+    cfg = parse(text, environ={"EMPTY": ""})
+    assert cfg.fuse.dir == "/mnt/"
+    assert cfg.exec[0].cmd == "./serve --port  --name"  # YAML strips the trailing space
+    assert cfg.warnings == (
+        'fuse.yml: line 2: environment variable APP_DIR is not set; expanded to ""',
+        'fuse.yml: line 7: environment variable PORT is not set; expanded to ""',
+    )
+    assert parse(text, environ={"APP_DIR": "a", "PORT": "1"}).warnings == ()
+    # A variable set to "" was set on purpose: no warning.
+    assert parse(MINIMAL + "exec: ./x $EMPTY\n", environ={"EMPTY": ""}).warnings == ()
+
+
+@pytest.mark.parametrize("op", ["==", "!="])
+def test_comparing_two_unset_variables_is_an_error(op: str) -> None:
+    text = MINIMAL.replace(
+        "type: static", f"type: static\n  candidate: ${{FLY_REGION {op} PRIMARY_REGION}}"
+    )
+    msg = error_of(text, environ={})
+    assert msg.startswith(f"fuse.yml: line 7: cannot expand ${{FLY_REGION {op} PRIMARY_REGION}}")
+    assert "neither FLY_REGION nor PRIMARY_REGION is set" in msg
+    # One of them set is a real comparison (the unset one is warned about).
+    cfg = parse(text, environ={"FLY_REGION": "ams"})
+    assert cfg.lease.candidate is (op == "!=")
+    assert cfg.warnings == (
+        'fuse.yml: line 7: environment variable PRIMARY_REGION is not set; expanded to ""',
+    )
+    assert parse(text, environ={"FLY_REGION": "ams", "PRIMARY_REGION": "ams"}).lease.candidate is (
+        op == "=="
+    )
