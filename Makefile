@@ -59,6 +59,7 @@ lint: deps
 	$(VENV)/bin/ruff check litefspy tests bench scripts
 	$(VENV)/bin/ruff format --check litefspy tests bench scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) scripts/genproto.py --check
 
 fmt: deps

@@ -41,7 +41,8 @@ def add_parsers(sub: Any) -> None:
 
 
 def _target(url: str) -> Any:
-    from litefspy.backup.target import Target, parse_target
+    from litefspy.backup.target import Target
+    from litefspy.config import parse_target
 
     return Target(parse_target(url))
 

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from litefspy.errors import ConfigError
+from litefspy.errors import BackupError, ConfigError
 
 __all__ = [
     "DEFAULT_GRPC_ADDR",
@@ -900,8 +901,6 @@ def _parse_backup(backup_s: _Section) -> BackupConfig:
         s3_force_path_style=s3.boolean("force-path-style", False),
     )
     if cfg.url:
-        from litefspy.errors import BackupError
-
         try:
             backup_target_spec(cfg)
         except BackupError as exc:
@@ -911,15 +910,72 @@ def _parse_backup(backup_s: _Section) -> BackupConfig:
     return cfg
 
 
-def backup_target_spec(cfg: BackupConfig) -> Any:
-    """The parsed `backup.url` with `backup.s3.*` (a litefspy.backup.target.TargetSpec)."""
-    from litefspy.backup.target import parse_target
-
+def backup_target_spec(cfg: BackupConfig) -> TargetSpec:
+    """The parsed `backup.url` with `backup.s3.*`."""
     return parse_target(
         cfg.url,
         endpoint=cfg.s3_endpoint,
         region=cfg.s3_region,
         force_path_style=cfg.s3_force_path_style,
+    )
+
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A parsed backup URL (what `backup.url` and `backup.s3.*` say)."""
+
+    url: str
+    scheme: str
+    path: str = ""
+    bucket: str = ""
+    prefix: str = ""
+    endpoint: str = ""
+    region: str = ""
+    force_path_style: bool = False
+
+    @property
+    def display(self) -> str:
+        """The URL without query parameters (they may name hosts, never secrets)."""
+        return self.url.split("?", 1)[0]
+
+
+def parse_target(
+    url: str, *, endpoint: str = "", region: str = "", force_path_style: bool = False
+) -> TargetSpec:
+    """Parse a backup URL; fuse.yml's backup.s3.* give the defaults for S3 query keys."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise BackupError(f"backup URL {url}: use file:///absolute/path")
+        return TargetSpec(url=url, scheme="file", path=urllib.parse.unquote(parts.path))
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise BackupError(f"backup URL {url}: no bucket (use s3://bucket/prefix)")
+        query = urllib.parse.parse_qs(parts.query)
+        unknown = set(query) - {"endpoint", "region", "force-path-style"}
+        if unknown:
+            raise BackupError(
+                f"backup URL {url}: unknown parameter {sorted(unknown)[0]!r} "
+                "(endpoint, region, force-path-style)"
+            )
+        pick = {k: v[-1] for k, v in query.items()}
+        return TargetSpec(
+            url=url,
+            scheme="s3",
+            bucket=parts.netloc,
+            prefix=parts.path.strip("/"),
+            endpoint=pick.get("endpoint", endpoint),
+            region=pick.get("region", region),
+            force_path_style=pick["force-path-style"].lower() in _TRUE
+            if "force-path-style" in pick
+            else force_path_style,
+        )
+    raise BackupError(
+        f"backup URL {url}: unknown scheme {parts.scheme or '(none)'!r}; "
+        "use file:///path or s3://bucket/prefix"
     )
 
 

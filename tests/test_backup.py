@@ -277,8 +277,9 @@ def test_compacted_objects_restore_the_same_states(node_factory, tmp_path: Path)
     the merged object, give the same content, and every l0 point stays restorable."""
     import trio
 
-    from litefspy.backup.target import Target, parse_target
+    from litefspy.backup.target import Target
     from litefspy.backup.uploader import Uploader
+    from litefspy.config import parse_target
     from litefspy.store.store import Store
 
     url = f"file://{tmp_path}/backup"

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any, TypeVar
 import obstore
 from obstore.store import LocalStore, S3Store
 
+from litefspy.config import TargetSpec
 from litefspy.errors import BackupError
 
 T = TypeVar("T")
@@ -32,63 +31,6 @@ T = TypeVar("T")
 # restore) for minutes: obstore's default retries for up to 3 minutes.
 _RETRY = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
 _CLIENT = {"connect_timeout": "3s", "timeout": "30s"}
-_TRUE = ("1", "true", "yes", "on")
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """A parsed backup URL (what `backup.url` and `backup.s3.*` say)."""
-
-    url: str
-    scheme: str
-    path: str = ""
-    bucket: str = ""
-    prefix: str = ""
-    endpoint: str = ""
-    region: str = ""
-    force_path_style: bool = False
-
-    @property
-    def display(self) -> str:
-        """The URL without query parameters (they may name hosts, never secrets)."""
-        return self.url.split("?", 1)[0]
-
-
-def parse_target(
-    url: str, *, endpoint: str = "", region: str = "", force_path_style: bool = False
-) -> TargetSpec:
-    """Parse a backup URL; fuse.yml's backup.s3.* give the defaults for S3 query keys."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise BackupError(f"backup URL {url}: use file:///absolute/path")
-        return TargetSpec(url=url, scheme="file", path=urllib.parse.unquote(parts.path))
-    if parts.scheme == "s3":
-        if not parts.netloc:
-            raise BackupError(f"backup URL {url}: no bucket (use s3://bucket/prefix)")
-        query = urllib.parse.parse_qs(parts.query)
-        unknown = set(query) - {"endpoint", "region", "force-path-style"}
-        if unknown:
-            raise BackupError(
-                f"backup URL {url}: unknown parameter {sorted(unknown)[0]!r} "
-                "(endpoint, region, force-path-style)"
-            )
-        pick = {k: v[-1] for k, v in query.items()}
-        return TargetSpec(
-            url=url,
-            scheme="s3",
-            bucket=parts.netloc,
-            prefix=parts.path.strip("/"),
-            endpoint=pick.get("endpoint", endpoint),
-            region=pick.get("region", region),
-            force_path_style=pick["force-path-style"].lower() in _TRUE
-            if "force-path-style" in pick
-            else force_path_style,
-        )
-    raise BackupError(
-        f"backup URL {url}: unknown scheme {parts.scheme or '(none)'!r}; "
-        "use file:///path or s3://bucket/prefix"
-    )
 
 
 def first_line(exc: BaseException) -> str:
