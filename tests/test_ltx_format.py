@@ -14,7 +14,6 @@ from litefspy.ltx.format import (
     CHECKSUM_FLAG,
     HEADER_SIZE,
     MAGIC,
-    PENDING_BYTE,
     Header,
     Trailer,
     format_filename,
@@ -23,6 +22,7 @@ from litefspy.ltx.format import (
     parse_filename,
     parse_pos,
 )
+from litefspy.sqlite.header import PENDING_BYTE
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1

@@ -13,7 +13,6 @@ from litefspy.ltx.format import (
     FLAG_COMPRESS,
     HEADER_SIZE,
     MAGIC,
-    PENDING_BYTE,
     TRAILER_SIZE,
     Header,
     Trailer,
@@ -23,6 +22,7 @@ from litefspy.ltx.format import (
     parse_filename,
     parse_pos,
 )
+from litefspy.sqlite.header import PENDING_BYTE
 
 __all__ = [
     "CHECKSUM_FLAG",

@@ -25,11 +25,10 @@ from litefspy.ltx.format import (
     FLAG_COMPRESS,
     Header,
     Trailer,
-    is_valid_page_size,
     lock_pgno,
 )
+from litefspy.sqlite.header import parse_database_header
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
 _MAX_COMMIT = (1 << 32) - 1
 # Contiguous pages are written to the database in runs of up to this size.
 _WRITE_RUN = 4 << 20
@@ -213,13 +212,12 @@ def apply_files(db_path: StrPath, ltx_paths: Sequence[StrPath]) -> tuple[int, in
 
 def read_sqlite_page_size(header: bytes, name: str = "database") -> int:
     """Page size from the first 100 bytes of a SQLite database (SQLiteFormatError if not one)."""
-    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
-        raise SQLiteFormatError(f"{name}: not a SQLite database (no 'SQLite format 3' header)")
-    raw = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if raw == 1 else raw
-    if not is_valid_page_size(page_size):
-        raise SQLiteFormatError(f"{name}: invalid page size {raw} in the SQLite header")
-    return page_size
+    if len(header) < 100:
+        raise SQLiteFormatError(f"{name}: not a SQLite database (only {len(header)} bytes)")
+    try:
+        return parse_database_header(header).page_size
+    except SQLiteFormatError as exc:
+        raise SQLiteFormatError(f"{name}: {exc}") from None
 
 
 def encode_database(

@@ -15,7 +15,8 @@ from typing import BinaryIO
 from fastcrc import crc64 as _fastcrc64
 
 from litefspy.errors import LTXError, SQLiteFormatError
-from litefspy.ltx.format import CHECKSUM_FLAG, is_valid_page_size, lock_pgno
+from litefspy.ltx.format import CHECKSUM_FLAG, lock_pgno
+from litefspy.sqlite.header import is_valid_page_size
 
 __all__ = [
     "CHECKSUM_FLAG",

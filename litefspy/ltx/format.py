@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from litefspy.errors import LTXError
+from litefspy.sqlite.header import MAX_PAGE_SIZE, MIN_PAGE_SIZE, is_valid_page_size, lock_page
+
+# SQLite's own facts live in sqlite/ (LTX pages are SQLite pages): the page that
+# holds SQLite's lock bytes is never stored in LTX.
+lock_pgno = lock_page
 
 MAGIC = b"LTX1"
 HEADER_SIZE = 100
@@ -19,9 +24,6 @@ TRAILER_SIZE = 16
 PAGE_HEADER_SIZE = 4
 FLAG_COMPRESS = 0x1
 CHECKSUM_FLAG = 1 << 63
-PENDING_BYTE = 0x40000000
-MIN_PAGE_SIZE = 512
-MAX_PAGE_SIZE = 65536
 
 # magic, flags, page size, commit, min txid, max txid, timestamp, pre-apply,
 # wal offset, wal size, salt-1, salt-2, node id, 20 reserved bytes.  Timestamp,
@@ -39,16 +41,6 @@ _POS_RE = re.compile(r"([0-9a-fA-F]{16})/([0-9a-fA-F]{16})")
 
 assert _HEADER.size == HEADER_SIZE
 assert _TRAILER.size == TRAILER_SIZE
-
-
-def is_valid_page_size(page_size: int) -> bool:
-    """True for the page sizes SQLite allows: a power of two in 512..65536."""
-    return MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE and page_size & (page_size - 1) == 0
-
-
-def lock_pgno(page_size: int) -> int:
-    """Page number holding SQLite's lock bytes: it is never stored and counts as 0."""
-    return PENDING_BYTE // page_size + 1
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:
