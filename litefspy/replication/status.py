@@ -213,6 +213,7 @@ class StatusService:
                         if stats.last_error
                         else 0
                     ),
+                    last_error_healed=stats.error_healed(client.connected),
                 )
             )
         backup = self.backup()
@@ -325,6 +326,7 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
             "apply_errors": r.apply_errors,
             "last_error": r.last_error or None,
             "last_error_age_ms": r.last_error_age_ms if r.last_error else None,
+            "last_error_healed": r.last_error_healed,
         }
     if reply.HasField("backup"):
         b = reply.backup
