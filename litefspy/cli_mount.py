@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -25,7 +26,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     from litefspy.node import Node
 
     config = load_config(args.config, expand_env=not args.no_expand_env)
-    check_can_mount()
+    check_can_mount(mountpoint=Path(config.fuse.dir))
     logs.setup(config.log.format, config.log.debug)
     command = list(args.command)
     if command and command[0] == "--":
