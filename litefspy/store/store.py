@@ -382,6 +382,36 @@ class Store:
     def databases(self) -> list[Database]:
         return [self._dbs[n] for n in sorted(self._dbs)]
 
+    def drop_uncommitted(self, name: str) -> bool:
+        """Undo the creation of a database file that never held a transaction.
+
+        For a file created through the mount whose first write was refused (not
+        SQLite): it must not stay behind as an empty "database". A database that
+        never had any history disappears entirely; one deleted before (its
+        history ends with the deletion) is deleted again. False, touching
+        nothing, if the file (or a journal or WAL) has any content.
+        """
+        db = self._dbs.get(name)
+        if db is None or db.checksums is not None:
+            return False
+        for kind in (FileKind.DATABASE, FileKind.JOURNAL, FileKind.WAL):
+            try:
+                if db.path(kind).stat().st_size > 0:
+                    return False
+            except FileNotFoundError:
+                continue
+        db.close()
+        for kind in (FileKind.DATABASE, FileKind.JOURNAL, FileKind.WAL, FileKind.SHM):
+            db.path(kind).unlink(missing_ok=True)
+        if db.pos.txid == 0 and not any(db.ltx_dir.glob("*.ltx")):
+            del self._dbs[name]
+            shutil.rmtree(db.dir, ignore_errors=True)
+            fsync_dir(self.dbs_dir)
+        else:
+            fsync_dir(db.dir)
+        log.info("removed the empty database a refused write left %s", kv(db=name))
+        return True
+
     # --------------------------------------------------------- replication
 
     def attach_mount(self, mountpoint: Path, invalidator: CacheInvalidator) -> None:
