@@ -171,6 +171,7 @@ class StatusService:
             reply.databases.append(status)
         if server is not None:
             reply.primary.CopyFrom(me)
+            known = {f.name for f in facts}
             for s in list(server.sessions):
                 replica = pb.ReplicaStatus(
                     node=pb.NodeInfo(
@@ -182,6 +183,8 @@ class StatusService:
                     bytes_sent=s.bytes_sent,
                 )
                 for name in sorted(s.positions):
+                    if name not in known:
+                        continue  # deleted here and forgotten after retention
                     replica.databases.append(
                         pb.ReplicaDatabase(name=name, txid=s.positions[name].txid)
                     )
