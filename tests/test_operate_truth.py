@@ -1,6 +1,8 @@
-"""What an operator reads: JSON logs, rate-limited warnings, messages that tell the truth.
+"""Operating a node: JSON logs, rate-limited warnings, messages that tell the truth,
+and mistakes caught (non-empty fuse.dir, non-SQLite writes, deleted databases,
+set-aside histories).
 
-Real node processes, real HTTP to their proxy, the real CLI.
+Real node processes, real FUSE mounts, real HTTP to their proxy, the real CLI.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _proxy(proxy_port: int, app_port: int) -> str:
     return f"proxy:\n  addr: 127.0.0.1:{proxy_port}\n  target: 127.0.0.1:{app_port}\n  db: app.db\n"
 
 
-def replica_lease(primary_url: str, name: str) -> str:
+def _static_replica_lease(primary_url: str, name: str) -> str:
     return (
         "lease:\n  type: static\n  candidate: false\n"
         f"  hostname: {name}\n  advertise-url: {primary_url}\n  reconnect-delay: 100ms\n"
@@ -50,7 +52,7 @@ def test_json_logs_rate_limited_warnings_and_no_primary_answers(node_factory) ->
     gone = f"http://127.0.0.1:{free_port()}"  # the static primary: never started
     node: NodeProcess = node_factory(
         "replica",
-        lease=replica_lease(gone, "replica"),
+        lease=_static_replica_lease(gone, "replica"),
         config_extra=_proxy(proxy_port, app_port),
     )
     _json_log(node)
