@@ -191,7 +191,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def table(rows: list[list[str]], header: list[str]) -> list[str]:
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -260,7 +260,7 @@ def render_status(status: dict[str, Any]) -> str:
             ]
             for d in status["databases"]
         ]
-        lines += table(rows, ["DATABASE", "TXID", "CHECKSUM", "MODE", "SIZE", "LAG_MS"])
+        lines += _table(rows, ["DATABASE", "TXID", "CHECKSUM", "MODE", "SIZE", "LAG_MS"])
     else:
         lines.append("no databases")
     backup = status.get("backup")
@@ -284,7 +284,7 @@ def render_status(status: dict[str, Any]) -> str:
                 for d in backup["databases"]
             ]
             if rows:
-                lines += table(
+                lines += _table(
                     rows, ["DATABASE", "UPLOADED", "BEHIND_TXIDS", "BEHIND_MS", "LAST ERROR"]
                 )
     if status["role"] == "primary":
@@ -300,7 +300,7 @@ def render_status(status: dict[str, Any]) -> str:
                 for r in status["replicas"]
                 for d in (r["databases"] or [{"name": "-", "txid": "-"}])
             ]
-            lines += table(rows, ["REPLICA", "NODE", "DATABASE", "TXID"])
+            lines += _table(rows, ["REPLICA", "NODE", "DATABASE", "TXID"])
         else:
             lines.append("no replicas connected")
     return "\n".join(lines)
