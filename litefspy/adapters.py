@@ -67,6 +67,15 @@ class NodeProxyState:
             host = f"[{host}]"
         return f"http://{host}:{self.proxy_port}"
 
+    def no_primary_reason(self) -> str:
+        trouble = self.node.lease_trouble()
+        if trouble:
+            return f"lease unreachable: {trouble}"
+        lease = self.node.config.lease
+        if lease.type == "static":
+            return f"not connected to the static primary at {lease.advertise_url}"
+        return "no node holds the lease right now"
+
     def txid(self, db: str) -> int:
         return local_txid(self.node.store, db)
 

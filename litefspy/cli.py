@@ -30,7 +30,7 @@ def _cmd_version(_args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the full parser; each subcommand module registers its own arguments."""
-    from litefspy import cli_backup, cli_cluster, cli_data, cli_ltx, cli_mount
+    from litefspy import cli_aside, cli_backup, cli_cluster, cli_data, cli_ltx, cli_mount
 
     parser = _Parser(prog="litefspy", description="Replicated SQLite through FUSE.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_ltx.add_parsers(sub)
     cli_data.add_parsers(sub)
     cli_backup.add_parsers(sub)
+    cli_aside.add_parsers(sub)
     return parser
 
 

@@ -211,6 +211,16 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     ]
 
 
+def _replication_error(repl: dict[str, Any]) -> str:
+    """The replica's last stream error, as current or (once reconnected since) as past."""
+    if not repl.get("last_error"):
+        return ""
+    ago = _ago(repl.get("last_error_age_ms"))
+    if repl.get("last_error_healed"):
+        return f"; no error since connecting (the last one, {ago}: {repl['last_error']})"
+    return f"; last error {ago}: {repl['last_error']}"
+
+
 def _ago(ms: int | None) -> str:
     """`12 s ago`, `3 min ago`, ... for a past event's age in milliseconds."""
     if ms is None:
@@ -246,11 +256,7 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(
             f"sync:     {state}; {repl['files_applied']} files "
             f"({repl['snapshots_applied']} snapshots) applied, {repl['apply_errors']} errors"
-            + (
-                f"; last error {_ago(repl.get('last_error_age_ms'))}: {repl['last_error']}"
-                if repl.get("last_error")
-                else ""
-            )
+            + _replication_error(repl)
         )
     lines.append("")
     if status["databases"]:

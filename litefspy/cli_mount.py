@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -31,7 +32,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     from litefspy.fuse.mount import check_can_mount
     from litefspy.node import Node
 
-    check_can_mount()
+    check_can_mount(mountpoint=Path(config.fuse.dir))
     logs.setup(config.log.format, config.log.debug)
     for warning in config.warnings:
         log.warning("%s", warning)

@@ -204,6 +204,8 @@ class Node:
         self._role_changed = trio.Event()
         # What the lease engine said last (None until it was reached once).
         self._state: LeaseState | None = None
+        # The last error from the lease engine while it cannot be reached.
+        self._lease_trouble: str | None = None
         self._known_primary = load_last_primary(self.data_dir)
         self._cluster_checked = False
         # The lease engine is known to store this node's cluster id.
@@ -243,6 +245,10 @@ class Node:
         """The current primary's hostname (this node's own when primary); None if unknown."""
         info = self._current_primary()
         return info.hostname if info is not None and info.hostname else None
+
+    def lease_trouble(self) -> str | None:
+        """Why the lease engine cannot be reached right now; None while it answers."""
+        return self._lease_trouble
 
     def primary_advertise_url(self) -> str | None:
         """The current primary's advertise URL; None if unknown."""
@@ -502,6 +508,7 @@ class Node:
                 if failures:
                     log.info("lease engine reachable again %s", kv(after_failures=failures))
                 failures = 0
+                self._lease_trouble = None
                 lease = await self._try_lease(leaser, state)
                 if lease is not None:
                     await self._hold(lease, report)
@@ -511,6 +518,7 @@ class Node:
                 await self._wait_for_change(leaser, state)
             except LeaseError as exc:
                 failures += 1
+                self._lease_trouble = str(exc)
                 await self._on_engine_trouble(exc, failures)
                 report()
                 delay = self.config.lease.reconnect_delay * 2 ** min(failures - 1, 10)

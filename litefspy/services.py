@@ -35,6 +35,9 @@ class NodeView(Protocol):
     def primary_advertise_url(self) -> str | None:
         """The current primary's advertise URL (gRPC); None if unknown."""
 
+    def lease_trouble(self) -> str | None:
+        """Why the lease engine cannot be reached right now; None while it answers."""
+
     def lag_ms(self) -> int:
         """Milliseconds since the last data or heartbeat from the primary (0 on the primary)."""
 

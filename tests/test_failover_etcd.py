@@ -59,6 +59,10 @@ def test_etcd_down_at_start_lost_mid_run_and_restarted(
     wait_same_pos(a, [b], DB)
     b.stop()
     a.stop()
+    # A graceful stop releases the lease; nothing was lost, and the log says so.
+    stopped = a.log_path.read_text()
+    assert "lease released" in stopped and "lease revoked" in stopped
+    assert "lease lost" not in stopped
 
     # etcd is down when the nodes start: they serve reads and keep retrying.
     etcd_private.stop()

@@ -47,6 +47,9 @@ class FakeState:
     def primary_proxy_url(self) -> str | None:
         return self.proxy_url
 
+    def no_primary_reason(self) -> str:
+        return "no node holds the lease right now"
+
     def txid(self, db: str) -> int:
         return self._txids.get(db, 0)
 
@@ -388,8 +391,14 @@ async def test_forwarded_write_arriving_at_a_replica_is_not_forwarded_again(app:
     state.proxy_url = "http://127.0.0.1:1"
     async with running_proxy(proxy_config(app.port, forward=True), state) as client:
         r = await client.post("/write", headers={"litefspy-forwarded": "1"})
-    assert r.status_code == 503
-    assert "replica" in r.text
+        assert r.status_code == 503
+        assert "the primary is now primary-host; retry" in r.text
+        # No primary at all (e.g. etcd unreachable): it says so, not "the primary changed".
+        state.hostname = None
+        r = await client.post("/write", headers={"litefspy-forwarded": "1"})
+        assert r.status_code == 503
+        assert "there is no primary (no node holds the lease right now); retry" in r.text
+    assert app.hits == []
 
 
 # ------------------------------------------------------- health and globs

@@ -166,5 +166,12 @@ def test_replica_status_dates_its_last_replication_error(node_factory) -> None:
     )
     repl = status(replica)["replication"]
     assert isinstance(repl["last_error_age_ms"], int) and 0 <= repl["last_error_age_ms"] < 60_000
+    assert repl["last_error_healed"] is False
     res = cli("status", "--url", replica.url)
     assert re.search(r"last error \d+ s ago: ", res.stdout), res.stdout
+    # Once the replica is connected again, the error is shown as past, not current.
+    primary.start()
+    wait_for(lambda: status(replica)["replication"]["last_error_healed"], 30, what="the reconnect")
+    res = cli("status", "--url", replica.url)
+    assert re.search(r"no error since connecting \(the last one, \d+ s ago: ", res.stdout)
+    assert not re.search(r"; last error \d+ s ago", res.stdout), res.stdout

@@ -56,14 +56,46 @@ def cleanup_stale_mount(mountpoint: Path) -> None:
 
 
 FUSE_DEVICE = Path("/dev/fuse")
+# Left by mkfs at a file system's root; hiding it under the mount loses nothing.
+_HARMLESS_ENTRIES = frozenset({"lost+found"})
 
 
-def check_can_mount(device: Path = FUSE_DEVICE) -> None:
-    """Refuse, in one line naming the cause and the fix, a machine that cannot mount FUSE.
+def check_mountpoint_empty(mountpoint: Path) -> None:
+    """Refuse a fuse.dir that holds files: the mount would hide them from every app.
+
+    An app that ran without litefspy (or before it started) may have created its
+    database right there; mounting over it would silently swap that data for the
+    (maybe empty) replicated one. A live or dead mount is left to `serve`.
+    """
+    try:
+        if os.path.ismount(mountpoint):
+            return
+        entries = sorted(e for e in os.listdir(mountpoint) if e not in _HARMLESS_ENTRIES)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.ENOTDIR):
+            return  # a dead mount (cleaned up later) or a file (`serve` says so)
+        raise LitefspyError(f"cannot read fuse.dir {mountpoint}: {exc.strerror}") from None
+    if entries:
+        more = len(entries) - 3
+        shown = ", ".join(entries[:3]) + (f" and {more} more" if more > 0 else "")
+        raise LitefspyError(
+            f"fuse.dir {mountpoint} is not empty ({shown}): the mount would hide these files; "
+            "move them elsewhere (import a database with `litefspy import`) or pick another "
+            "fuse.dir"
+        )
+
+
+def check_can_mount(device: Path = FUSE_DEVICE, mountpoint: Path | None = None) -> None:
+    """Refuse, in one line naming the cause and the fix, a machine that cannot mount FUSE,
+    or a `mountpoint` whose files the mount would hide.
 
     Runs before anything is created (data.dir, fuse.dir), so a failed start
     leaves nothing behind.
     """
+    if mountpoint is not None:
+        check_mountpoint_empty(mountpoint)
     container_hint = "in a container, run it with --device /dev/fuse --cap-add SYS_ADMIN"
     if not device.exists():
         raise LitefspyError(

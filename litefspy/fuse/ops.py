@@ -116,6 +116,10 @@ class Handle:
     fd: int = -1
     content: bytes = b""
     copy: StagedCopy | None = None
+    # This open created the database file, and a write to it was refused (not
+    # SQLite): at close, the empty file is removed rather than left as a database.
+    created_db: bool = False
+    refused_write: bool = False
 
 
 def _errno(exc: BaseException, op: str, name: str) -> pyfuse3.FUSEError:
@@ -540,6 +544,7 @@ class Operations(pyfuse3.Operations):
                 raise ReadOnlyError(f"cannot create {text}: this node is a replica")
             db = self.store.create(db_name)
             path = db.path(kind)
+            new_db = kind is FileKind.DATABASE and not path.exists()
             fd = os.open(path, (flags & ~os.O_TRUNC) | os.O_CREAT, stat.S_IMODE(mode) or 0o644)
             if flags & os.O_TRUNC and os.fstat(fd).st_size > 0:
                 await self.store.file_op(db, partial(db.truncate, kind, 0))
@@ -547,7 +552,7 @@ class Operations(pyfuse3.Operations):
             node = self.inodes.node_for(db_name, kind)
             attrs = self._attrs(node)
             node.lookups += 1
-            fh = self._new_handle(Handle(node, db, fd))
+            fh = self._new_handle(Handle(node, db, fd, created_db=new_db))
             return self._file_info(fh, kind), attrs
         except Exception as exc:
             raise _errno(exc, "create", text) from None
@@ -703,6 +708,8 @@ class Operations(pyfuse3.Operations):
                 return db.write(kind, handle.fd, off, buf)
             return await self.store.file_op(db, partial(db.write, kind, handle.fd, off, buf))
         except Exception as exc:
+            if handle.created_db and isinstance(exc, DatabaseError):
+                handle.refused_write = True
             raise _errno(exc, "write", mount_name(handle.node.name, handle.node.kind)) from None
 
     async def flush(self, fh: int) -> None:
@@ -734,6 +741,8 @@ class Operations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.fd >= 0:
             os.close(handle.fd)
+            if handle.refused_write:
+                self._drop_refused_database(handle)
         copy = handle.copy if handle is not None else None
         if copy is None:
             return
@@ -743,6 +752,24 @@ class Operations(pyfuse3.Operations):
             valid_database_name(copy.name) or copy.refused is not None
         ):
             await self._finish_copy(copy)
+
+    def _drop_refused_database(self, handle: Handle) -> None:
+        """The last close of a database file whose creator's write was refused."""
+        name = handle.node.name
+        if any(h.db is handle.db for h in self._handles.values()):
+            return  # still open elsewhere: SQLite may yet make it a database
+        try:
+            dropped = self.store.drop_uncommitted(name)
+        except OSError as exc:
+            log.error("could not remove the empty database %s: %s", kv(db=name), exc)
+            return
+        if not dropped:
+            return
+        for kind in (FileKind.DATABASE, FileKind.JOURNAL, FileKind.WAL, FileKind.SHM, Special.POS):
+            self.inodes.retire(name, kind)
+            pyfuse3.invalidate_entry_async(
+                ROOT, os.fsencode(mount_name(name, kind)), ignore_enoent=True
+            )
 
     # ----------------------------------------------------------- namespace
 

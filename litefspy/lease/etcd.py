@@ -146,8 +146,13 @@ class EtcdLease:
             return
         self._lost_reason = reason
         self._lost.set()
-        level = logging.INFO if reason == "released" or self._handed_off else logging.WARNING
-        log.log(level, "lease lost %s", kv(**self._log_fields(), reason=reason))
+        if reason == "released":
+            # A graceful stop (or a step-down): nothing was lost.
+            log.info("lease released %s", kv(**self._log_fields()))
+        elif self._handed_off:
+            log.info("lease handed off %s", kv(**self._log_fields(), reason=reason))
+        else:
+            log.warning("lease lost %s", kv(**self._log_fields(), reason=reason))
 
     async def run(self) -> None:
         """Renew every ttl/3 until lost; returns once `lost` is set, never raises LeaseError."""

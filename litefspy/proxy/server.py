@@ -84,6 +84,10 @@ class ProxyState(Protocol):
         """Base URL of the primary's proxy, e.g. `http://host:8080` (proxy.forward)."""
         ...
 
+    def no_primary_reason(self) -> str:
+        """Why no primary is known right now, e.g. `lease unreachable: ...` (for 503s)."""
+        ...
+
     def txid(self, db: str) -> int:
         """The local TXID of database `db`, 0 if absent."""
         ...
@@ -221,23 +225,27 @@ class Proxy:
         if self.state.is_primary():
             await self.relay(conn, self.target, where="the application", cookie=True)
             return
+        host = self.state.primary_hostname()
         if has_header(request.headers, FORWARDED_HEADER):
-            await conn.respond(
-                503,
-                b"proxy error: this write was forwarded here as to the primary, but this "
-                b"node is a replica (the primary changed); retry\n",
-            )
+            # Forwarded by a replica that still took this node for the primary.
+            if host is None:
+                now = f"there is no primary ({self.state.no_primary_reason()})"
+            else:
+                now = f"the primary is now {host}"
+            body = f"proxy error: this write was forwarded here as to the primary, but {now}"
+            await conn.respond(503, f"{body}; retry\n".encode())
+            return
+        if host is None:
+            body = f"proxy error: no primary ({self.state.no_primary_reason()}); retry\n"
+            await conn.respond(503, body.encode())
             return
         if self.config.forward:
             url = self.state.primary_proxy_url()
             if url is None:
-                await conn.respond(503, b"proxy error: no primary available\n")
+                body = f"proxy error: no primary ({self.state.no_primary_reason()}); retry\n"
+                await conn.respond(503, body.encode())
                 return
             await self.relay(conn, httpx.URL(url), where="the primary's proxy", forwarded=True)
-            return
-        host = self.state.primary_hostname()
-        if host is None:
-            await conn.respond(503, b"proxy error: no primary available\n")
             return
         await conn.respond(200, headers=[(b"fly-replay", f"instance={host}".encode())])
 

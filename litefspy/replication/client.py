@@ -80,11 +80,16 @@ class ClientStats:
     apply_errors: int = 0
     last_error: str = ""
     last_error_ms: int = 0  # Unix ms of last_error
+    connected_ms: int = 0  # Unix ms of the last successful connect
     applied_by_db: dict[str, int] = field(default_factory=dict)
 
     def record_error(self, message: str) -> None:
         self.last_error = message
         self.last_error_ms = int(time.time() * 1000)
+
+    def error_healed(self, connected: bool) -> bool:
+        """The last error happened before the stream that is up now connected."""
+        return connected and bool(self.last_error) and self.last_error_ms <= self.connected_ms
 
 
 class _Incoming:
@@ -250,6 +255,7 @@ class ReplicationClient:
                 )
             await self._accept_hello(hello.hello)
             self.stats.connects += 1
+            self.stats.connected_ms = int(time.time() * 1000)
             try:
                 async for frame in self._frames(frames):
                     which = frame.WhichOneof("frame")

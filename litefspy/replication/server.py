@@ -232,7 +232,7 @@ class ReplicationServer:
                 self._no_sessions = trio.Event()
             log.info(
                 "replica disconnected %s",
-                f"{ctx} {kv(files=session.files_sent, snapshots=session.snapshots_sent)}",
+                kv(**ctx.fields, files=session.files_sent, snapshots=session.snapshots_sent),
             )
 
     def _check_request(self, request: pb.StreamRequest, peer: str) -> None:

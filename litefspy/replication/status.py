@@ -171,6 +171,7 @@ class StatusService:
             reply.databases.append(status)
         if server is not None:
             reply.primary.CopyFrom(me)
+            known = {f.name for f in facts}
             for s in list(server.sessions):
                 replica = pb.ReplicaStatus(
                     node=pb.NodeInfo(
@@ -182,6 +183,8 @@ class StatusService:
                     bytes_sent=s.bytes_sent,
                 )
                 for name in sorted(s.positions):
+                    if name not in known:
+                        continue  # deleted here and forgotten after retention
                     replica.databases.append(
                         pb.ReplicaDatabase(name=name, txid=s.positions[name].txid)
                     )
@@ -213,6 +216,7 @@ class StatusService:
                         if stats.last_error
                         else 0
                     ),
+                    last_error_healed=stats.error_healed(client.connected),
                 )
             )
         backup = self.backup()
@@ -325,6 +329,7 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
             "apply_errors": r.apply_errors,
             "last_error": r.last_error or None,
             "last_error_age_ms": r.last_error_age_ms if r.last_error else None,
+            "last_error_healed": r.last_error_healed,
         }
     if reply.HasField("backup"):
         b = reply.backup

@@ -1095,13 +1095,16 @@ class Database:
                     apply_ltx(db, f, checksums)
             db.flush()
             os.fsync(db.fileno())
-        log.warning(
-            "database was behind its LTX history (writes lost before they were "
-            "durable); rolled forward %s",
+        self.checksums = checksums
+        if checksums.total != expected:
+            return False
+        # Nothing was lost: the LTX files had every write the file missed.
+        log.info(
+            "database file was behind its LTX history (its last writes had not reached "
+            "the disk); rolled forward from the LTX files %s",
             kv(db=self.name, files=len(files) - start, pos=self.pos),
         )
-        self.checksums = checksums
-        return checksums.total == expected
+        return True
 
     def _promote_synced_tmp_files(self) -> None:
         """A valid .tmp LTX file was synced before its rename: keep it, else drop it."""

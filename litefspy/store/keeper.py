@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from litefspy.errors import DatabaseError
+from litefspy.logs import kv
 from litefspy.store.locks import Held, HeldLocks, MountLocks
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class LockKeeper:
             theirs.close()
         self._control = ours
         self._generation += 1
-        log.debug("lock keeper started pid=%d", self._proc.pid)
+        log.debug("lock keeper started %s", kv(pid=self._proc.pid))
 
     def start(self) -> None:
         with self._guard:
@@ -225,7 +226,7 @@ class LockKeeper:
             if self._proc is None or self._proc.poll() is not None:
                 if self._proc is not None:
                     log.warning(
-                        "lock keeper exited; starting a new one code=%s", self._proc.returncode
+                        "lock keeper exited; starting a new one %s", kv(code=self._proc.returncode)
                     )
                     assert self._control is not None
                     self._control.close()

@@ -411,6 +411,36 @@ class Store:
     def databases(self) -> list[Database]:
         return [self._dbs[n] for n in sorted(self._dbs)]
 
+    def drop_uncommitted(self, name: str) -> bool:
+        """Undo the creation of a database file that never held a transaction.
+
+        For a file created through the mount whose first write was refused (not
+        SQLite): it must not stay behind as an empty "database". A database that
+        never had any history disappears entirely; one deleted before (its
+        history ends with the deletion) is deleted again. False, touching
+        nothing, if the file (or a journal or WAL) has any content.
+        """
+        db = self._dbs.get(name)
+        if db is None or db.checksums is not None:
+            return False
+        for kind in (FileKind.DATABASE, FileKind.JOURNAL, FileKind.WAL):
+            try:
+                if db.path(kind).stat().st_size > 0:
+                    return False
+            except FileNotFoundError:
+                continue
+        db.close()
+        for kind in (FileKind.DATABASE, FileKind.JOURNAL, FileKind.WAL, FileKind.SHM):
+            db.path(kind).unlink(missing_ok=True)
+        if db.pos.txid == 0 and not any(db.ltx_dir.glob("*.ltx")):
+            del self._dbs[name]
+            shutil.rmtree(db.dir, ignore_errors=True)
+            fsync_dir(self.dbs_dir)
+        else:
+            fsync_dir(db.dir)
+        log.info("removed the empty database a refused write left %s", kv(db=name))
+        return True
+
     # --------------------------------------------------------- replication
 
     def attach_mount(self, mountpoint: Path, invalidator: CacheInvalidator) -> None:
@@ -1036,6 +1066,47 @@ class Store:
                     continue
         return removed
 
+    def deleted_past_retention(self, retention: float, now: float | None = None) -> list[str]:
+        """Deleted databases whose deletion is older than `retention` seconds.
+
+        Deleted: no database file, and the newest LTX file records the deletion
+        (replicas behind still receive it from there). Once that file is the only
+        one left (older ones are gone by retention, so a configured backup has
+        them) and is itself past retention, nothing needs the directory any more.
+        """
+        cutoff = (time.time() if now is None else now) - retention
+        names = []
+        for db in self.databases():
+            if db.checksums is not None or db.pos.txid == 0 or db.exists():
+                continue
+            files = db.ltx_files()
+            if len(files) != 1 or files[0][1] != db.pos.txid:
+                continue
+            try:
+                if files[0][2].stat().st_mtime < cutoff:
+                    names.append(db.name)
+            except FileNotFoundError:
+                continue
+        return names
+
+    def forget_deleted(self, name: str) -> Path | None:
+        """Take a deleted database out of the store (and every listing).
+
+        Its directory is renamed under tmp/ (removed by the caller, or at the
+        next start), so a database created with the same name meanwhile starts
+        afresh. None if it is not (or no longer) a deleted database.
+        """
+        db = self._dbs.get(name)
+        if db is None or db.checksums is not None or db.exists() or db.forward is not None:
+            return None
+        del self._dbs[name]
+        db.close()
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        grave = self.tmp_dir / f"deleted.{name}.{secrets.token_hex(6)}"
+        os.rename(db.dir, grave)
+        fsync_dir(self.dbs_dir)
+        return grave
+
     async def run_retention(self, retention: float, interval: float) -> None:
         """Background task: enforce retention every `interval` seconds."""
         while True:
@@ -1043,6 +1114,12 @@ class Store:
             removed = await trio.to_thread.run_sync(self.enforce_retention, retention)
             if removed:
                 log.info("retention removed LTX files %s", kv(count=removed))
+            for name in await trio.to_thread.run_sync(self.deleted_past_retention, retention):
+                # On the trio thread: no create of the same name can interleave.
+                grave = self.forget_deleted(name)
+                if grave is not None:
+                    await trio.to_thread.run_sync(shutil.rmtree, grave, True)
+                    log.info("deleted database forgotten after retention %s", kv(db=name))
 
 
 def _canonical(path: Path) -> Path:

@@ -226,6 +226,7 @@ class ReplicationStatus(_message.Message):
     APPLY_ERRORS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     LAST_ERROR_AGE_MS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_HEALED_FIELD_NUMBER: _builtins.int
     connected: _builtins.bool
     ready: _builtins.bool
     connects: _builtins.int
@@ -236,6 +237,8 @@ class ReplicationStatus(_message.Message):
     last_error: _builtins.str
     last_error_age_ms: _builtins.int
     """Milliseconds since last_error happened (0 when there was none)."""
+    last_error_healed: _builtins.bool
+    """last_error happened before the stream now connected: it is past, not current."""
     def __init__(
         self,
         *,
@@ -248,10 +251,11 @@ class ReplicationStatus(_message.Message):
         apply_errors: _builtins.int = ...,
         last_error: _builtins.str = ...,
         last_error_age_ms: _builtins.int = ...,
+        last_error_healed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_errors", b"apply_errors", "bytes_received", b"bytes_received", "connected", b"connected", "connects", b"connects", "files_applied", b"files_applied", "last_error", b"last_error", "last_error_age_ms", b"last_error_age_ms", "ready", b"ready", "snapshots_applied", b"snapshots_applied"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_errors", b"apply_errors", "bytes_received", b"bytes_received", "connected", b"connected", "connects", b"connects", "files_applied", b"files_applied", "last_error", b"last_error", "last_error_age_ms", b"last_error_age_ms", "last_error_healed", b"last_error_healed", "ready", b"ready", "snapshots_applied", b"snapshots_applied"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
