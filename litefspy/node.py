@@ -409,7 +409,12 @@ class Node:
         the lease. An unreachable store stops the start (one line): serving an
         empty data.dir as if it were the data would be worse.
         """
-        from litefspy.backup.restore import list_databases, restore_into_data_dir
+        from litefspy.backup.restore import (
+            describe,
+            list_databases,
+            record_deletion_in_data_dir,
+            restore_into_data_dir,
+        )
 
         dbs = self.store.dbs_dir
         if any(p.is_dir() for p in dbs.iterdir()):
@@ -418,6 +423,18 @@ class Node:
         try:
             names = await trio.to_thread.run_sync(list_databases, target)
             for name in names:
+                found = await trio.to_thread.run_sync(describe, target, name)
+                if found.deleted is not None:
+                    # Deleted on the primary: bringing it back would undo the deletion.
+                    # Its history (the deletion) is kept, so that TXIDs go on from it.
+                    await trio.to_thread.run_sync(
+                        record_deletion_in_data_dir, target, dbs, name, found.deleted
+                    )
+                    log.info(
+                        "backup.restore-if-empty: database was deleted; not restored %s",
+                        kv(db=name, txid=f"{found.deleted.max_txid:016x}"),
+                    )
+                    continue
                 result = await trio.to_thread.run_sync(restore_into_data_dir, target, dbs, name)
                 log.info(
                     "restored database from the backup %s",

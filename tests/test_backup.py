@@ -70,9 +70,11 @@ def _dump_file(path: Path) -> list[str]:
         conn.close()
 
 
-def wait_backed_up(node: NodeProcess, name: str, timeout: float = 30) -> None:
-    """Until the node's status says the backup has every transaction of `name`."""
-    target = f"{node.pos(name)[0]:016x}"
+def wait_backed_up(
+    node: NodeProcess, name: str, timeout: float = 30, txid: int | None = None
+) -> None:
+    """Until the node's status says the backup has every transaction of `name` (to `txid`)."""
+    target = f"{node.pos(name)[0] if txid is None else txid:016x}"
 
     def done() -> bool:
         backup = status(node).get("backup") or {}
@@ -407,3 +409,56 @@ def test_backup_in_status_table_and_metrics(node_factory, tmp_path: Path) -> Non
     assert table.returncode == 0, table.stderr
     assert f"backup:   file://{tmp_path}/backup" in table.stdout
     assert f"app.db    {txid:016x}  0" in table.stdout
+
+
+def test_a_deleted_database_stays_deleted_in_the_backup(node_factory, tmp_path: Path) -> None:
+    """Restore after the deletion: one line; before it: the data; restore-if-empty: not back."""
+    url = f"file://{tmp_path}/backup"
+    primary = _backup_node(node_factory, url, extra="  restore-if-empty: true\n").start()
+    for name in ("keep.db", "gone.db"):
+        conn = connect(primary.db(name), "delete")
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (?)", (name,))
+        conn.close()
+    wait_backed_up(primary, "gone.db")
+    before, before_ms = dump(primary, "gone.db"), int(time.time() * 1000)
+    before_txid = primary.pos("gone.db")[0]
+    deleted_txid = before_txid + 1  # the deletion is a transaction of its own
+    time.sleep(0.3)
+    os.unlink(primary.db("gone.db"))
+    wait_backed_up(primary, "gone.db", txid=deleted_txid)
+    listing = cli("backup", "list", "--url", url, "--db", "gone.db", "--json")
+    assert listing.returncode == 0, listing.stderr
+    (entry,) = json.loads(listing.stdout)
+    assert entry["deleted"]["txid"] == f"{deleted_txid:016x}"
+    table = cli("backup", "list", "--url", url)
+    assert f"gone.db: deleted at {entry['deleted']['time']} (TXID {deleted_txid:016x})" in (
+        table.stdout
+    )
+    assert "keep.db: TXID" in table.stdout
+    out = tmp_path / "gone.db"
+    res = cli("restore", "--url", url, "--db", "gone.db", "-o", str(out))
+    assert res.returncode == 1 and not out.exists()
+    assert res.stderr.strip() == (
+        f"litefspy: gone.db was deleted at {entry['deleted']['time']} (TXID {deleted_txid:016x}); "
+        "restore an earlier point with --timestamp or --txid"
+    )
+    # Any point before the deletion restores as it was.
+    assert restore(url, out, "--timestamp", _iso(before_ms), db="gone.db") == before
+    assert restore(url, out, "--txid", f"{before_txid:x}", db="gone.db") == before
+    # Every machine lost: the node comes back with keep.db only.
+    primary.stop()
+    import shutil
+
+    shutil.rmtree(primary.data)
+    primary.start()
+    assert dump(primary, "keep.db")
+    assert not primary.db("gone.db").exists()
+    assert "database was deleted; not restored" in primary.log()
+    # Made anew under the same name: the backup follows the new database.
+    conn = connect(primary.db("gone.db"), "wal")
+    conn.execute("CREATE TABLE again (y)")
+    conn.execute("INSERT INTO again VALUES ('new')")
+    conn.close()
+    wait_backed_up(primary, "gone.db")
+    assert restore(url, out, db="gone.db") == dump(primary, "gone.db")

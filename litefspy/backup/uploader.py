@@ -46,7 +46,8 @@ from litefspy.backup.target import Target
 from litefspy.backup.worker import merge_to_file
 from litefspy.errors import BackupError, LitefspyError, LTXError
 from litefspy.logs import kv
-from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
+from litefspy.ltx.encoder import Encoder
+from litefspy.ltx.format import CHECKSUM_FLAG, HEADER_SIZE, TRAILER_SIZE, Header, Trailer
 from litefspy.store.database import Position
 from litefspy.store.store import Store
 
@@ -89,6 +90,29 @@ def _read_trailer(path: Path) -> Trailer:
     with open(path, "rb") as f:
         f.seek(-TRAILER_SIZE, os.SEEK_END)
         return Trailer.decode(f.read(TRAILER_SIZE))
+
+
+def _write_deletion(
+    out: Path, after: Position, deleted: Position, when_ms: int
+) -> tuple[Header, Trailer]:
+    """An LTX file of TXIDs after.txid+1..deleted.txid that deletes the database."""
+    header = Header(
+        flags=0,
+        page_size=4096,  # no page follows; any valid size
+        commit=0,
+        min_txid=after.txid + 1,
+        max_txid=deleted.txid,
+        timestamp=when_ms,
+        pre_apply_checksum=after.checksum,
+        wal_offset=0,
+        wal_size=0,
+        wal_salt1=0,
+        wal_salt2=0,
+        node_id=0,
+    )
+    with open(out, "wb") as f:
+        trailer = Encoder(f, header).finish(CHECKSUM_FLAG)
+    return header, trailer
 
 
 class Uploader:
@@ -175,12 +199,50 @@ class Uploader:
         if not state.pending_since_ms:
             state.pending_since_ms = self._now_ms()
         files = [f for f in db.ltx_files() if f[1] > state.uploaded.txid and f[1] <= pos.txid]
-        due = self._now_ms() - state.last_snapshot_ms >= self.snapshot_interval * 1000
-        if due or not self._continues(files, state.uploaded):
-            await self._upload_snapshot(name, state)
+        if db.is_deleted:
+            await self._upload_deletion(name, state, files, pos)
         else:
-            await self._upload_range(name, state, [p for _, _, p in files])
+            due = self._now_ms() - state.last_snapshot_ms >= self.snapshot_interval * 1000
+            if due or not self._continues(files, state.uploaded):
+                await self._upload_snapshot(name, state)
+            else:
+                await self._upload_range(name, state, [p for _, _, p in files])
         state.pending_since_ms = 0 if state.uploaded == db.pos else self._now_ms()
+
+    async def _upload_deletion(
+        self, name: str, state: DatabaseBackup, files: list[tuple[int, int, Path]], pos: Position
+    ) -> None:
+        """The database was deleted (its newest LTX file has commit 0): record it.
+
+        What committed before the deletion goes up first, as usual, then the
+        deletion as an object of its own, so that every restore point up to the
+        deletion stays restorable and the listing shows when it happened.
+        """
+        assert state.uploaded is not None
+        if state.uploaded.txid == 0:
+            # Created and deleted before anything reached the backup: nothing to keep.
+            self._uploaded(name, state, pos)
+            return
+        if self._continues(files, state.uploaded):
+            if len(files) > 1:
+                await self._upload_range(name, state, [p for _, _, p in files[:-1]])
+            await self._upload_range(name, state, [files[-1][2]])
+            return
+        # The local history does not reach back to the backup's end (a new primary
+        # whose history forked earlier): a deletion drops everything before it, so
+        # one commit-0 object from the backup's end to it says the same.
+        when = self._now_ms()
+        if files and files[-1][1] == pos.txid:
+            when = (await trio.to_thread.run_sync(_read_header, files[-1][2])).timestamp or when
+        tmp = self.store.tmp_dir / f"backup-{name}-{secrets.token_hex(4)}.ltx"
+        header, trailer = await trio.to_thread.run_sync(
+            _write_deletion, tmp, state.uploaded, pos, when
+        )
+        try:
+            await self._put(self._key(name, "l0", header, trailer), tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._uploaded(name, state, pos)
 
     @staticmethod
     def _continues(files: list[tuple[int, int, Path]], uploaded: Position) -> bool:
