@@ -75,6 +75,7 @@ from litefspy.v1 import admin_pb2, replication_pb2
 
 if TYPE_CHECKING:
     from litefspy.backup.runner import BackupRunner
+    from litefspy.backup.uploader import BackupProgress
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +290,11 @@ class Node:
     def replica_count(self) -> int:
         """Replicas streaming from this node."""
         return len(self.server.sessions) if self.server is not None else 0
+
+    def on_backup_event(self, callback: Callable[[BackupProgress], None]) -> None:
+        """Call `callback(progress)` for each backup upload and new error (trio thread)."""
+        if self.backup is not None:
+            self.backup.listen(callback)
 
     def on_role_change(self, callback: Callable[[str], None]) -> None:
         """Call `callback(role)` on every role change (on the trio thread)."""

@@ -462,3 +462,49 @@ def test_a_deleted_database_stays_deleted_in_the_backup(node_factory, tmp_path: 
     conn.close()
     wait_backed_up(primary, "gone.db")
     assert restore(url, out, db="gone.db") == dump(primary, "gone.db")
+
+
+def test_backup_events_in_the_event_stream(node_factory, tmp_path: Path) -> None:
+    """`litefspy events` on the primary: one `backup` per upload, and upload errors."""
+    from tests.test_events_nodes import Events
+
+    root = tmp_path / "backup"
+    primary = _backup_node(node_factory, f"file://{root}").start()
+    events = Events(primary.url)
+
+    def next_backup() -> dict[str, Any]:
+        while (event := events.next())["type"] != "backup":
+            pass
+        return event
+
+    try:
+        assert events.next()["type"] == "init"  # subscribed: what follows is seen
+        conn = connect(primary.db("app.db"), "delete")
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        txid = primary.pos("app.db")[0]
+        up = next_backup()
+        while up["data"]["txID"] < f"{txid:016x}":
+            up = next_backup()
+        data = up["data"]
+        assert up["db"] == "app.db" and data["txID"] == f"{txid:016x}"
+        assert data["level"] in ("l0", "snapshots") and data["lagTxIDs"] == 0
+        assert (root / data["key"]).stat().st_size == data["bytes"] > 0
+        assert data["uploaded"] >= data["committed"] and 0 <= data["rpoMs"] < 30_000
+        assert data["deleted"] is False and "error" not in data
+        # The store fails (a file where its level-0 folder goes): an error event.
+        assert not (root / "app.db" / "l0").exists()  # the first upload is a snapshot
+        (root / "app.db" / "l0").write_text("not a folder")
+        conn.execute("INSERT INTO t VALUES (2)")
+        failed = next_backup()
+        assert failed["data"]["txID"] == f"{txid:016x}"  # what the store has
+        assert failed["data"]["lagTxIDs"] == 1
+        assert f"backup store file://{root}" in failed["data"]["error"]
+        assert "\n" not in failed["data"]["error"]
+        # Back: the next upload catches up.
+        (root / "app.db" / "l0").unlink()
+        back = next_backup()
+        assert back["data"]["txID"] == f"{txid + 1:016x}" and "error" not in back["data"]
+        conn.close()
+    finally:
+        events.close()

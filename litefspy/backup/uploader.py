@@ -72,6 +72,23 @@ class DatabaseBackup:
     last_error_ms: int = 0
 
 
+@dataclass(frozen=True)
+class BackupProgress:
+    """An object reached the store, or an upload failed (the `backup` event)."""
+
+    db: str
+    txid: int  # the object's newest TXID; on an error, the newest one in the store
+    checksum: int = 0
+    level: str = ""  # l0, l1, l2, snapshots ("" on an error)
+    key: str = ""
+    bytes: int = 0
+    committed_ms: int = 0  # commit time of `txid`
+    uploaded_ms: int = 0  # when the object was durable in the store
+    deleted: bool = False
+    error: str = ""
+    lag_txids: int = 0
+
+
 @dataclass
 class BackupTotals:
     bytes_uploaded: int = 0
@@ -130,6 +147,7 @@ class Uploader:
         clock: Clock = time.time,
         totals: BackupTotals | None = None,
         merge: Merge = merge_to_file,
+        notify: Callable[[BackupProgress], None] | None = None,
     ) -> None:
         self.store = store
         self.target = target
@@ -140,6 +158,7 @@ class Uploader:
         self.clock = clock
         self.totals = totals if totals is not None else BackupTotals()
         self.merge = merge
+        self.notify = notify
         self._next_compaction = {level: 0.0 for level in COMPACTION}
         self._next_retention = 0.0
 
@@ -180,8 +199,23 @@ class Uploader:
         message = str(exc)
         if message != state.last_error:
             log.warning("backup failed; will retry %s: %s", kv(db=name), message)
+            uploaded = state.uploaded.txid if state.uploaded else 0
+            self._notify(
+                BackupProgress(db=name, txid=uploaded, error=message, lag_txids=self._lag(name))
+            )
         state.last_error = message
         state.last_error_ms = self._now_ms()
+
+    def _notify(self, progress: BackupProgress) -> None:
+        if self.notify is not None:
+            self.notify(progress)
+
+    def _lag(self, name: str) -> int:
+        db = self.store.get_if_online(name)
+        state = self._state(name)
+        if db is None:
+            return 0
+        return max(db.pos.txid - (state.uploaded.txid if state.uploaded else 0), 0)
 
     async def sync_database(self, name: str) -> None:
         db = self.store.get_if_online(name)
@@ -238,11 +272,12 @@ class Uploader:
         header, trailer = await trio.to_thread.run_sync(
             _write_deletion, tmp, state.uploaded, pos, when
         )
+        key = self._key(name, "l0", header, trailer)
         try:
-            await self._put(self._key(name, "l0", header, trailer), tmp)
+            size = await self._put(key, tmp)
         finally:
             tmp.unlink(missing_ok=True)
-        self._uploaded(name, state, pos)
+        self._uploaded(name, state, pos, level="l0", key=key, size=size, committed_ms=when)
 
     @staticmethod
     def _continues(files: list[tuple[int, int, Path]], uploaded: Position) -> bool:
@@ -311,10 +346,13 @@ class Uploader:
         header, trailer = await trio.to_thread.run_sync(self.merge, files, tmp, self.store.tmp_dir)
         try:
             key = self._key(name, "l0", header, trailer)
-            await self._put(key, tmp)
+            size = await self._put(key, tmp)
         finally:
             tmp.unlink(missing_ok=True)
-        self._uploaded(name, state, Position(header.max_txid, trailer.post_apply_checksum))
+        pos = Position(header.max_txid, trailer.post_apply_checksum)
+        self._uploaded(
+            name, state, pos, level="l0", key=key, size=size, committed_ms=header.timestamp
+        )
 
     async def _upload_snapshot(self, name: str, state: DatabaseBackup) -> None:
         path = await self.store.snapshot(name)
@@ -330,12 +368,15 @@ class Uploader:
                 ts=header.timestamp or self._now_ms(),
                 post=trailer.post_apply_checksum,
             )
-            await self._put(key, path)
+            size = await self._put(key, path)
         finally:
             path.unlink(missing_ok=True)
         state.last_snapshot_ms = self._now_ms()
         state.last_snapshot_txid = header.max_txid
-        self._uploaded(name, state, Position(header.max_txid, trailer.post_apply_checksum))
+        pos = Position(header.max_txid, trailer.post_apply_checksum)
+        self._uploaded(
+            name, state, pos, level=SNAPSHOTS, key=key, size=size, committed_ms=header.timestamp
+        )
         log.info("backup snapshot uploaded %s", kv(db=name, txid=f"{header.max_txid:016x}"))
 
     def _key(self, name: str, level: str, header: Header, trailer: Trailer) -> str:
@@ -350,7 +391,9 @@ class Uploader:
             post=trailer.post_apply_checksum,
         )
 
-    async def _put(self, key: str, path: Path) -> None:
+    async def _put(self, key: str, path: Path) -> int:
+        """Upload `path` as `key` (if absent); its size."""
+
         def put() -> tuple[bool, int]:
             return self.target.put_new(key, path), path.stat().st_size
 
@@ -358,12 +401,43 @@ class Uploader:
         if created:
             self.totals.bytes_uploaded += size
             self.totals.objects_uploaded += 1
+        return size
 
-    def _uploaded(self, name: str, state: DatabaseBackup, pos: Position) -> None:
+    def _uploaded(
+        self,
+        name: str,
+        state: DatabaseBackup,
+        pos: Position,
+        *,
+        level: str = "",
+        key: str = "",
+        size: int = 0,
+        committed_ms: int = 0,
+    ) -> None:
         state.uploaded = pos
         state.uploaded_ms = self._now_ms()
         # Local retention may now let go of the files up to here.
         self.store.keep_from[name] = pos.txid
+        if key:
+            self._notify(
+                self._progress(name, pos, level, key=key, size=size, committed_ms=committed_ms)
+            )
+
+    def _progress(
+        self, name: str, pos: Position, level: str, *, key: str, size: int, committed_ms: int
+    ) -> BackupProgress:
+        return BackupProgress(
+            db=name,
+            txid=pos.txid,
+            checksum=pos.checksum,
+            level=level,
+            key=key,
+            bytes=size,
+            committed_ms=committed_ms,
+            uploaded_ms=self._now_ms(),
+            deleted=pos.checksum == CHECKSUM_FLAG and level != SNAPSHOTS,
+            lag_txids=self._lag(name),
+        )
 
     # ---------------------------------------------- compaction and retention
 
@@ -406,13 +480,17 @@ class Uploader:
             out = work / "merged.ltx"
             header, trailer = await trio.to_thread.run_sync(self.merge, paths, out, work)
             key = self._key(name, level, header, trailer)
-            await self._put(key, out)
+            size = await self._put(key, out)
         finally:
             for p in work.iterdir():
                 p.unlink()
             work.rmdir()
         span = f"{run[0].min_txid:x}-{run[-1].max_txid:x}"
         log.info("backup compacted %s", kv(db=name, level=level, pieces=len(run), txids=span))
+        pos = Position(header.max_txid, trailer.post_apply_checksum)
+        self._notify(
+            self._progress(name, pos, level, key=key, size=size, committed_ms=header.timestamp)
+        )
         return Piece(
             header.min_txid,
             header.max_txid,
