@@ -10,10 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -508,3 +511,87 @@ def test_backup_events_in_the_event_stream(node_factory, tmp_path: Path) -> None
         conn.close()
     finally:
         events.close()
+
+
+@pytest.fixture
+def block_port() -> Iterator[Callable[[int], Callable[[], None]]]:
+    """Make a loopback TCP port unreachable (nftables: connections reset); undone after."""
+    table = f"litefspy_backup_{uuid.uuid4().hex[:8]}"
+    made: list[str] = []
+
+    def unblock() -> None:
+        while made:
+            subprocess.run(["nft", "delete", "table", "inet", made.pop()], check=False)
+
+    def block(port: int) -> Callable[[], None]:
+        rules = (
+            f"table inet {table} {{\n"
+            "  chain out {\n"
+            "    type filter hook output priority 0;\n"
+            f"    ip daddr 127.0.0.1 tcp dport {port} reject with tcp reset\n"
+            "  }\n"
+            "}\n"
+        )
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+        made.append(table)
+        return unblock
+
+    try:
+        yield block
+    finally:
+        unblock()
+
+
+def test_s3_store_unreachable_under_writes_then_catches_up_without_a_gap(
+    node_factory,
+    tmp_path: Path,
+    s3_server: SeaweedServer,  # noqa: F811
+    block_port: Callable[[int], Callable[[], None]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store's port cut off: commits go on, status and metrics say how far behind
+    and why (one line); back: the backup catches up and restores to the primary's state."""
+    import httpx
+
+    from tests.nodes import free_port
+
+    url = s3_server.url("partition")
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    primary = _backup_node(node_factory, url, extra=f"metrics:\n  addr: 127.0.0.1:{port}\n").start()
+    conn = connect(primary.db("app.db"), "wal")
+    conn.execute("CREATE TABLE t (i INTEGER PRIMARY KEY, v TEXT)")
+    wait_backed_up(primary, "app.db")
+    uploaded = primary.pos("app.db")[0]
+    unblock = block_port(int(s3_server.endpoint.rsplit(":", 1)[1]))
+    for i in range(40):  # the node keeps committing and serving
+        conn.execute("INSERT INTO t (v) VALUES (?)", (f"cut off {i}",))
+        time.sleep(0.02)
+
+    def behind_with_error() -> dict[str, Any] | None:
+        (d,) = status(primary)["backup"]["databases"]
+        return d if d["last_error"] and d["lag_txids"] >= 40 else None
+
+    wait_for(lambda: behind_with_error() is not None, 20, what="the backup error in status")
+    d = behind_with_error()
+    assert d is not None and d["uploaded_txid"] == f"{uploaded:016x}"
+    assert d["last_error"].startswith(f"backup store {url.split('?')[0]}: ")
+    assert "\n" not in d["last_error"] and d["lag_ms"] > 0
+    table = cli("status", "--url", primary.url).stdout
+    (row,) = [line for line in table.splitlines() if line.startswith("app.db ") and "ago" in line]
+    assert f"{uploaded:016x}" in row and "backup store s3://" in row
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert f'litefspy_backup_uploaded_txid{{db="app.db"}} {float(uploaded)}' in body
+    behind = re.search(r'^litefspy_backup_lag_txids\{db="app.db"\} (\S+)$', body, re.M)
+    errors = re.search(r"^litefspy_backup_errors_total (\S+)$", body, re.M)
+    assert behind and float(behind[1]) >= 40 and errors and float(errors[1]) >= 1
+    # Reachable again: uploads resume by themselves, nothing is missing.
+    unblock()
+    conn.execute("INSERT INTO t (v) VALUES ('after')")
+    wait_backed_up(primary, "app.db", timeout=30)
+    (d,) = status(primary)["backup"]["databases"]
+    assert not d["last_error"] and d["lag_txids"] == 0
+    out = tmp_path / "r.db"
+    assert restore(url, out) == dump(primary, "app.db")
+    conn.close()
