@@ -48,7 +48,7 @@ from litefspy.errors import BackupError, LitefspyError, LTXError
 from litefspy.logs import kv
 from litefspy.ltx.encoder import Encoder
 from litefspy.ltx.format import CHECKSUM_FLAG, HEADER_SIZE, TRAILER_SIZE, Header, Trailer
-from litefspy.store.database import Position
+from litefspy.store.database import Database, Position
 from litefspy.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,24 @@ def _read_trailer(path: Path) -> Trailer:
     with open(path, "rb") as f:
         f.seek(-TRAILER_SIZE, os.SEEK_END)
         return Trailer.decode(f.read(TRAILER_SIZE))
+
+
+def _pending_files(db: Database, after: int, upto: int) -> list[tuple[int, int, Path]]:
+    """(min, max, path) of the LTX files of TXIDs after..upto, oldest first (worker thread).
+
+    A primary writes one file per transaction, so they are named, not listed:
+    the directory holds `data.retention` worth of files (hundreds of thousands
+    at a high commit rate), and listing and parsing all their names every sync
+    interval took more CPU than the upload itself. Listed only when a name is
+    missing (a snapshot or a merged range took their place).
+    """
+    out = []
+    for txid in range(after + 1, upto + 1):
+        path = db.ltx_path(txid, txid)
+        if not os.path.exists(path):
+            return [f for f in db.ltx_files() if after < f[1] <= upto]
+        out.append((txid, txid, path))
+    return out
 
 
 def _write_deletion(
@@ -232,7 +250,7 @@ class Uploader:
             return
         if not state.pending_since_ms:
             state.pending_since_ms = self._now_ms()
-        files = [f for f in db.ltx_files() if f[1] > state.uploaded.txid and f[1] <= pos.txid]
+        files = await trio.to_thread.run_sync(_pending_files, db, state.uploaded.txid, pos.txid)
         if db.is_deleted:
             await self._upload_deletion(name, state, files, pos)
         else:
