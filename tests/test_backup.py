@@ -97,8 +97,12 @@ def _history(node: NodeProcess, mode: str, n: int = 6) -> list[tuple[int, int, l
         conn.execute("INSERT INTO t (v) VALUES (?)", (f"row {i} " * (i + 1),))
         if i == 3:
             conn.execute("DELETE FROM t WHERE i = 2")
-        states.append((node.pos("app.db")[0], int(time.time() * 1000), dump(node, "app.db")))
-        time.sleep(0.35)  # each lands in its own sync interval (its own restore point)
+        when = time.time()
+        states.append((node.pos("app.db")[0], int(when * 1000), dump(node, "app.db")))
+        # Each in an upload of its own (its own restore point) however loaded the
+        # machine, and the next commit well after `when` + 100 ms (restored by time).
+        wait_backed_up(node, "app.db")
+        time.sleep(max(0.0, when + 0.2 - time.time()))
     conn.close()
     return states
 

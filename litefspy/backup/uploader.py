@@ -109,6 +109,17 @@ def _read_trailer(path: Path) -> Trailer:
         return Trailer.decode(f.read(TRAILER_SIZE))
 
 
+def _commit_time(store: Store, name: str, snapshot: Header) -> int:
+    """When the snapshot's last transaction committed (its LTX file's timestamp)."""
+    db = store.get_if_online(name)
+    if db is not None:
+        try:
+            return _read_header(db.ltx_path(snapshot.max_txid, snapshot.max_txid)).timestamp
+        except (OSError, LTXError):
+            pass  # retention took it, or it was a snapshot itself
+    return snapshot.timestamp
+
+
 def _pending_files(db: Database, after: int, upto: int) -> list[tuple[int, int, Path]]:
     """(min, max, path) of the LTX files of TXIDs after..upto, oldest first (worker thread).
 
@@ -377,13 +388,16 @@ class Uploader:
         try:
             header = await trio.to_thread.run_sync(_read_header, path)
             trailer = await trio.to_thread.run_sync(_read_trailer, path)
+            # Named by when its last transaction committed, not by when it was
+            # taken (later): a restore by time right after that commit finds it.
+            committed = await trio.to_thread.run_sync(_commit_time, self.store, name, header)
             key = piece_key(
                 name,
                 SNAPSHOTS,
                 lo=1,
                 hi=header.max_txid,
                 epoch=self.epoch(),
-                ts=header.timestamp or self._now_ms(),
+                ts=committed or self._now_ms(),
                 post=trailer.post_apply_checksum,
             )
             size = await self._put(key, path)
@@ -393,7 +407,7 @@ class Uploader:
         state.last_snapshot_txid = header.max_txid
         pos = Position(header.max_txid, trailer.post_apply_checksum)
         self._uploaded(
-            name, state, pos, level=SNAPSHOTS, key=key, size=size, committed_ms=header.timestamp
+            name, state, pos, level=SNAPSHOTS, key=key, size=size, committed_ms=committed
         )
         log.info("backup snapshot uploaded %s", kv(db=name, txid=f"{header.max_txid:016x}"))
 
