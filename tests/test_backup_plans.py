@@ -146,7 +146,7 @@ def test_a_deposed_primarys_uploads_past_the_fork_are_a_branch() -> None:
     assert branches == [late] and is_branch(late, marks)
     assert plan_restore(main, 30)[-1] == new[0]
     assert plan_restore(main, 20)[-1] == old[-1]
-    with pytest.raises(ValueError, match="gap"):
+    with pytest.raises(ValueError, match="not a restore point"):
         plan_restore(main, 25)  # TXID 25 exists only on the branch
     # Retention drops the branch once it is older than the window, never before.
     assert late not in plan_retention(listing, 5 + 10, 100)
@@ -196,3 +196,10 @@ def test_a_deletion_is_read_from_the_name_and_retention_keeps_only_it_once_old()
     # Once the deletion is older than the window, only it remains.
     doomed = plan_retention(listing, now + 1000 + week + 1, week)
     assert set(main) - set(doomed) == {gone}
+
+
+def test_a_txid_inside_one_upload_names_the_nearest_restore_points() -> None:
+    main = [_piece(SNAPSHOTS, 1, 4, 0), _piece("l0", 5, 7, 10)]
+    with pytest.raises(ValueError, match=r"not a restore point .* nearest are 0+4 and 0+7"):
+        plan_restore(main, 6)
+    assert [p.max_txid for p in plan_restore(main, 7)] == [4, 7]

@@ -157,7 +157,14 @@ def plan_restore(main: list[Piece], target_txid: int) -> list[Piece]:
         if not p.is_snapshot:
             by_start.setdefault(p.min_txid, []).append(p)
     while pos < target_txid:
-        options = [p for p in by_start.get(pos + 1, []) if p.max_txid <= target_txid]
+        starting = by_start.get(pos + 1, [])
+        options = [p for p in starting if p.max_txid <= target_txid]
+        if not options and starting:
+            over = min(starting, key=lambda p: p.max_txid)
+            raise ValueError(
+                f"it is not a restore point (one upload holds TXIDs {over.min_txid:016x}.."
+                f"{over.max_txid:016x}); the nearest are {pos:016x} and {over.max_txid:016x}"
+            )
         if not options:
             raise ValueError(f"the backup has a gap after TXID {pos:016x}")
         step = max(options, key=lambda p: (p.max_txid, p.epoch))
