@@ -135,6 +135,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 "name": r.name,
                 "oldest": {"txid": f"{r.oldest_txid:016x}", "time": _iso(r.oldest_ms)},
                 "newest": {"txid": f"{r.newest_txid:016x}", "time": _iso(r.newest_ms)},
+                "deleted": (
+                    {"txid": f"{r.deleted.max_txid:016x}", "time": _iso(r.deleted.timestamp_ms)}
+                    if r.deleted
+                    else None
+                ),
                 "objects": r.objects,
                 "bytes": r.bytes,
                 "branches": [
@@ -156,10 +161,23 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"no databases in {target.spec.display}")
         return 0
     for r in rows:
-        print(
-            f"{r.name}: TXID {r.oldest_txid:016x} ({_iso(r.oldest_ms)}) .. "
-            f"{r.newest_txid:016x} ({_iso(r.newest_ms)}); {r.objects} objects, {r.bytes} bytes"
-        )
+        if r.deleted is not None:
+            gone = r.deleted
+            earlier = (
+                f"restorable before that: TXID {r.oldest_txid:016x} ({_iso(r.oldest_ms)}) .. "
+                f"{gone.min_txid - 1:016x}"
+                if 0 < r.oldest_txid < gone.min_txid
+                else "nothing earlier is kept"
+            )
+            print(
+                f"{r.name}: deleted at {_iso(gone.timestamp_ms)} (TXID {gone.max_txid:016x}); "
+                f"{earlier}; {r.objects} objects, {r.bytes} bytes"
+            )
+        else:
+            print(
+                f"{r.name}: TXID {r.oldest_txid:016x} ({_iso(r.oldest_ms)}) .. "
+                f"{r.newest_txid:016x} ({_iso(r.newest_ms)}); {r.objects} objects, {r.bytes} bytes"
+            )
         for p in r.branches:
             print(
                 f"  branch (epoch {p.epoch}): TXID {p.min_txid:016x}..{p.max_txid:016x} "

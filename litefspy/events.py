@@ -2,8 +2,11 @@
 
 A client first gets one `init` per database (its position, whether this node is
 the primary, the primary's hostname), then a `tx` for every new LTX file
-(commits on the primary, applied files on a replica, imports) and a
-`primaryChange` whenever this node's role or the primary's hostname changes.
+(commits on the primary, applied files on a replica, imports), a
+`primaryChange` whenever this node's role or the primary's hostname changes,
+and, on a primary with `backup.url`, a `backup` for every object that reached
+the store (TXID, level, bytes, commit and upload times: the recovery point)
+and every new upload error (one line, with the TXID the store has).
 `event_to_json` gives the LiteFS JSON form that `litefspy events` prints, one
 object per line.
 
@@ -34,6 +37,7 @@ from litefspy.store.database import CommitInfo
 from litefspy.v1 import data_pb2 as pb
 
 if TYPE_CHECKING:
+    from litefspy.backup.uploader import BackupProgress
     from litefspy.services import NodeView
 
 log = logging.getLogger(__name__)
@@ -47,8 +51,8 @@ SUBSCRIBER_BUFFER = 1024
 PRIMARY_POLL_INTERVAL = 0.25
 
 # A queued item: a ready TxEvent, a CommitInfo whose details must be read from
-# its LTX file, or None ("look at the primary again").
-_Item = tuple[int, pb.TxEvent | CommitInfo | None]
+# its LTX file, a BackupEvent, or None ("look at the primary again").
+_Item = tuple[int, pb.TxEvent | CommitInfo | pb.BackupEvent | None]
 
 
 @dataclass(eq=False)
@@ -73,6 +77,7 @@ class EventHub:
         """Listen to the node and serve `Data.Events` on `server`."""
         self.node.store.subscribe(self._on_commit)
         self.node.on_role_change(self._on_role_change)
+        self.node.on_backup_event(self._on_backup)
         server.add_server_stream(EVENTS_METHOD, self.stream, pb.EventsRequest, pb.Event)
 
     # ------------------------------------------------------- node side
@@ -82,6 +87,10 @@ class EventHub:
             return
         self._seq += 1
         self._post((self._seq, tx_event(self.node, info)))
+
+    def _on_backup(self, progress: BackupProgress) -> None:
+        if self._subscribers:
+            self._post((self._seq, backup_event(progress)))
 
     def _on_role_change(self, role: str) -> None:
         del role  # subscribers compare the node's current state with what they last sent
@@ -179,6 +188,10 @@ class EventHub:
                 if item is None:
                     continue
                 seq, payload = item
+                if isinstance(payload, pb.BackupEvent):
+                    # Not part of the init snapshot: every one queued is news.
+                    await send.send(pb.Event(backup=payload))
+                    continue
                 if payload is None or seq <= sub.after:
                     continue
                 if isinstance(payload, CommitInfo):
@@ -206,6 +219,22 @@ def tx_event(node: NodeView, info: CommitInfo) -> pb.TxEvent | CommitInfo:
         page_size=checksums.page_size if checksums is not None else 0,
         commit=checksums.page_count if checksums is not None else 0,
         timestamp_ms=info.timestamp_ms,
+    )
+
+
+def backup_event(progress: BackupProgress) -> pb.BackupEvent:
+    return pb.BackupEvent(
+        db=progress.db,
+        txid=progress.txid,
+        post_apply_checksum=progress.checksum,
+        level=progress.level,
+        key=progress.key,
+        bytes=progress.bytes,
+        committed_ms=progress.committed_ms,
+        uploaded_ms=progress.uploaded_ms,
+        deleted=progress.deleted,
+        error=progress.error,
+        lag_txids=progress.lag_txids,
     )
 
 
@@ -272,6 +301,23 @@ def event_to_json(event: pb.Event) -> dict[str, Any]:
                 "timestamp": _timestamp(tx.timestamp_ms),
             },
         }
+    if kind == "backup":
+        up = event.backup
+        data = {"txID": _hex(up.txid), "lagTxIDs": up.lag_txids}
+        if up.error:
+            data["error"] = up.error
+        else:
+            data |= {
+                "level": up.level,
+                "key": up.key,
+                "bytes": up.bytes,
+                "postApplyChecksum": _hex(up.post_apply_checksum),
+                "committed": _timestamp(up.committed_ms) if up.committed_ms else "",
+                "uploaded": _timestamp(up.uploaded_ms),
+                "rpoMs": max(up.uploaded_ms - up.committed_ms, 0) if up.committed_ms else 0,
+                "deleted": up.deleted,
+            }
+        return {"type": "backup", "db": up.db, "data": data}
     if kind == "primary_change":
         change = event.primary_change
         return {

@@ -75,6 +75,7 @@ from litefspy.v1 import admin_pb2, replication_pb2
 
 if TYPE_CHECKING:
     from litefspy.backup.runner import BackupRunner
+    from litefspy.backup.uploader import BackupProgress
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,11 @@ class Node:
         """Replicas streaming from this node."""
         return len(self.server.sessions) if self.server is not None else 0
 
+    def on_backup_event(self, callback: Callable[[BackupProgress], None]) -> None:
+        """Call `callback(progress)` for each backup upload and new error (trio thread)."""
+        if self.backup is not None:
+            self.backup.listen(callback)
+
     def on_role_change(self, callback: Callable[[str], None]) -> None:
         """Call `callback(role)` on every role change (on the trio thread)."""
         self._role_callbacks.append(callback)
@@ -415,7 +421,12 @@ class Node:
         the lease. An unreachable store stops the start (one line): serving an
         empty data.dir as if it were the data would be worse.
         """
-        from litefspy.backup.restore import list_databases, restore_into_data_dir
+        from litefspy.backup.restore import (
+            describe,
+            list_databases,
+            record_deletion_in_data_dir,
+            restore_into_data_dir,
+        )
 
         dbs = self.store.dbs_dir
         if any(p.is_dir() for p in dbs.iterdir()):
@@ -424,6 +435,18 @@ class Node:
         try:
             names = await trio.to_thread.run_sync(list_databases, target)
             for name in names:
+                found = await trio.to_thread.run_sync(describe, target, name)
+                if found.deleted is not None:
+                    # Deleted on the primary: bringing it back would undo the deletion.
+                    # Its history (the deletion) is kept, so that TXIDs go on from it.
+                    await trio.to_thread.run_sync(
+                        record_deletion_in_data_dir, target, dbs, name, found.deleted
+                    )
+                    log.info(
+                        "backup.restore-if-empty: database was deleted; not restored %s",
+                        kv(db=name, txid=f"{found.deleted.max_txid:016x}"),
+                    )
+                    continue
                 result = await trio.to_thread.run_sync(restore_into_data_dir, target, dbs, name)
                 log.info(
                     "restored database from the backup %s",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -17,6 +17,9 @@ from litefspy.errors import LitefspyError
 from litefspy.fuse.ops import Operations
 from litefspy.replication.bridge import GRPCServer
 from litefspy.store.store import Store
+
+if TYPE_CHECKING:
+    from litefspy.backup.uploader import BackupProgress
 
 
 class NodeView(Protocol):
@@ -52,6 +55,9 @@ class NodeView(Protocol):
 
     def backup_report(self) -> dict[str, Any] | None:
         """The backup's state (litefspy.backup.runner.BackupRunner.report); None if off."""
+
+    def on_backup_event(self, callback: Callable[[BackupProgress], None]) -> None:
+        """Call `callback(progress)` for each backup upload and new error (none if it is off)."""
 
     def on_role_change(self, callback: Callable[[str], None]) -> None:
         """Call `callback(role)` ("primary" | "replica" | "candidate-waiting") on every change."""

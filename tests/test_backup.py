@@ -10,10 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +73,11 @@ def _dump_file(path: Path) -> list[str]:
         conn.close()
 
 
-def wait_backed_up(node: NodeProcess, name: str, timeout: float = 30) -> None:
-    """Until the node's status says the backup has every transaction of `name`."""
-    target = f"{node.pos(name)[0]:016x}"
+def wait_backed_up(
+    node: NodeProcess, name: str, timeout: float = 30, txid: int | None = None
+) -> None:
+    """Until the node's status says the backup has every transaction of `name` (to `txid`)."""
+    target = f"{node.pos(name)[0] if txid is None else txid:016x}"
 
     def done() -> bool:
         backup = status(node).get("backup") or {}
@@ -92,8 +97,12 @@ def _history(node: NodeProcess, mode: str, n: int = 6) -> list[tuple[int, int, l
         conn.execute("INSERT INTO t (v) VALUES (?)", (f"row {i} " * (i + 1),))
         if i == 3:
             conn.execute("DELETE FROM t WHERE i = 2")
-        states.append((node.pos("app.db")[0], int(time.time() * 1000), dump(node, "app.db")))
-        time.sleep(0.35)  # each lands in its own sync interval (its own restore point)
+        when = time.time()
+        states.append((node.pos("app.db")[0], int(when * 1000), dump(node, "app.db")))
+        # Each in an upload of its own (its own restore point) however loaded the
+        # machine, and the next commit well after `when` + 100 ms (restored by time).
+        wait_backed_up(node, "app.db")
+        time.sleep(max(0.0, when + 0.2 - time.time()))
     conn.close()
     return states
 
@@ -408,3 +417,186 @@ def test_backup_in_status_table_and_metrics(node_factory, tmp_path: Path) -> Non
     assert table.returncode == 0, table.stderr
     assert f"backup:   file://{tmp_path}/backup" in table.stdout
     assert f"app.db    {txid:016x}  0" in table.stdout
+
+
+def test_a_deleted_database_stays_deleted_in_the_backup(node_factory, tmp_path: Path) -> None:
+    """Restore after the deletion: one line; before it: the data; restore-if-empty: not back."""
+    url = f"file://{tmp_path}/backup"
+    primary = _backup_node(node_factory, url, extra="  restore-if-empty: true\n").start()
+    for name in ("keep.db", "gone.db"):
+        conn = connect(primary.db(name), "delete")
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (?)", (name,))
+        conn.close()
+    wait_backed_up(primary, "gone.db")
+    before, before_ms = dump(primary, "gone.db"), int(time.time() * 1000)
+    before_txid = primary.pos("gone.db")[0]
+    deleted_txid = before_txid + 1  # the deletion is a transaction of its own
+    time.sleep(0.3)
+    os.unlink(primary.db("gone.db"))
+    wait_backed_up(primary, "gone.db", txid=deleted_txid)
+    listing = cli("backup", "list", "--url", url, "--db", "gone.db", "--json")
+    assert listing.returncode == 0, listing.stderr
+    (entry,) = json.loads(listing.stdout)
+    assert entry["deleted"]["txid"] == f"{deleted_txid:016x}"
+    table = cli("backup", "list", "--url", url)
+    assert f"gone.db: deleted at {entry['deleted']['time']} (TXID {deleted_txid:016x})" in (
+        table.stdout
+    )
+    assert "keep.db: TXID" in table.stdout
+    out = tmp_path / "gone.db"
+    res = cli("restore", "--url", url, "--db", "gone.db", "-o", str(out))
+    assert res.returncode == 1 and not out.exists()
+    assert res.stderr.strip() == (
+        f"litefspy: gone.db was deleted at {entry['deleted']['time']} (TXID {deleted_txid:016x}); "
+        "restore an earlier point with --timestamp or --txid"
+    )
+    # Any point before the deletion restores as it was.
+    assert restore(url, out, "--timestamp", _iso(before_ms), db="gone.db") == before
+    assert restore(url, out, "--txid", f"{before_txid:x}", db="gone.db") == before
+    # Every machine lost: the node comes back with keep.db only.
+    primary.stop()
+    import shutil
+
+    shutil.rmtree(primary.data)
+    primary.start()
+    assert dump(primary, "keep.db")
+    assert not primary.db("gone.db").exists()
+    assert "database was deleted; not restored" in primary.log()
+    # Made anew under the same name: the backup follows the new database.
+    conn = connect(primary.db("gone.db"), "wal")
+    conn.execute("CREATE TABLE again (y)")
+    conn.execute("INSERT INTO again VALUES ('new')")
+    conn.close()
+    wait_backed_up(primary, "gone.db")
+    assert restore(url, out, db="gone.db") == dump(primary, "gone.db")
+
+
+def test_backup_events_in_the_event_stream(node_factory, tmp_path: Path) -> None:
+    """`litefspy events` on the primary: one `backup` per upload, and upload errors."""
+    from tests.test_events_nodes import Events
+
+    root = tmp_path / "backup"
+    primary = _backup_node(node_factory, f"file://{root}").start()
+    events = Events(primary.url)
+
+    def next_backup() -> dict[str, Any]:
+        while (event := events.next())["type"] != "backup":
+            pass
+        return event
+
+    try:
+        assert events.next()["type"] == "init"  # subscribed: what follows is seen
+        conn = connect(primary.db("app.db"), "delete")
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        txid = primary.pos("app.db")[0]
+        up = next_backup()
+        while up["data"]["txID"] < f"{txid:016x}":
+            up = next_backup()
+        data = up["data"]
+        assert up["db"] == "app.db" and data["txID"] == f"{txid:016x}"
+        assert data["level"] in ("l0", "snapshots") and data["lagTxIDs"] == 0
+        assert (root / data["key"]).stat().st_size == data["bytes"] > 0
+        assert data["uploaded"] >= data["committed"] and 0 <= data["rpoMs"] < 30_000
+        assert data["deleted"] is False and "error" not in data
+        # The store fails (a file where its level-0 folder goes): an error event.
+        assert not (root / "app.db" / "l0").exists()  # the first upload is a snapshot
+        (root / "app.db" / "l0").write_text("not a folder")
+        conn.execute("INSERT INTO t VALUES (2)")
+        failed = next_backup()
+        assert failed["data"]["txID"] == f"{txid:016x}"  # what the store has
+        assert failed["data"]["lagTxIDs"] == 1
+        assert f"backup store file://{root}" in failed["data"]["error"]
+        assert "\n" not in failed["data"]["error"]
+        # Back: the next upload catches up.
+        (root / "app.db" / "l0").unlink()
+        back = next_backup()
+        assert back["data"]["txID"] == f"{txid + 1:016x}" and "error" not in back["data"]
+        conn.close()
+    finally:
+        events.close()
+
+
+@pytest.fixture
+def block_port() -> Iterator[Callable[[int], Callable[[], None]]]:
+    """Make a loopback TCP port unreachable (nftables: connections reset); undone after."""
+    table = f"litefspy_backup_{uuid.uuid4().hex[:8]}"
+    made: list[str] = []
+
+    def unblock() -> None:
+        while made:
+            subprocess.run(["nft", "delete", "table", "inet", made.pop()], check=False)
+
+    def block(port: int) -> Callable[[], None]:
+        rules = (
+            f"table inet {table} {{\n"
+            "  chain out {\n"
+            "    type filter hook output priority 0;\n"
+            f"    ip daddr 127.0.0.1 tcp dport {port} reject with tcp reset\n"
+            "  }\n"
+            "}\n"
+        )
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+        made.append(table)
+        return unblock
+
+    try:
+        yield block
+    finally:
+        unblock()
+
+
+def test_s3_store_unreachable_under_writes_then_catches_up_without_a_gap(
+    node_factory,
+    tmp_path: Path,
+    s3_server: SeaweedServer,  # noqa: F811
+    block_port: Callable[[int], Callable[[], None]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store's port cut off: commits go on, status and metrics say how far behind
+    and why (one line); back: the backup catches up and restores to the primary's state."""
+    import httpx
+
+    from tests.nodes import free_port
+
+    url = s3_server.url("partition")
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    primary = _backup_node(node_factory, url, extra=f"metrics:\n  addr: 127.0.0.1:{port}\n").start()
+    conn = connect(primary.db("app.db"), "wal")
+    conn.execute("CREATE TABLE t (i INTEGER PRIMARY KEY, v TEXT)")
+    wait_backed_up(primary, "app.db")
+    uploaded = primary.pos("app.db")[0]
+    unblock = block_port(int(s3_server.endpoint.rsplit(":", 1)[1]))
+    for i in range(40):  # the node keeps committing and serving
+        conn.execute("INSERT INTO t (v) VALUES (?)", (f"cut off {i}",))
+        time.sleep(0.02)
+
+    def behind_with_error() -> dict[str, Any] | None:
+        (d,) = status(primary)["backup"]["databases"]
+        return d if d["last_error"] and d["lag_txids"] >= 40 else None
+
+    wait_for(lambda: behind_with_error() is not None, 20, what="the backup error in status")
+    d = behind_with_error()
+    assert d is not None and d["uploaded_txid"] == f"{uploaded:016x}"
+    assert d["last_error"].startswith(f"backup store {url.split('?')[0]}: ")
+    assert "\n" not in d["last_error"] and d["lag_ms"] > 0
+    table = cli("status", "--url", primary.url).stdout
+    (row,) = [line for line in table.splitlines() if line.startswith("app.db ") and "ago" in line]
+    assert f"{uploaded:016x}" in row and "backup store s3://" in row
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert f'litefspy_backup_uploaded_txid{{db="app.db"}} {float(uploaded)}' in body
+    behind = re.search(r'^litefspy_backup_lag_txids\{db="app.db"\} (\S+)$', body, re.M)
+    errors = re.search(r"^litefspy_backup_errors_total (\S+)$", body, re.M)
+    assert behind and float(behind[1]) >= 40 and errors and float(errors[1]) >= 1
+    # Reachable again: uploads resume by themselves, nothing is missing.
+    unblock()
+    conn.execute("INSERT INTO t (v) VALUES ('after')")
+    wait_backed_up(primary, "app.db", timeout=30)
+    (d,) = status(primary)["backup"]["databases"]
+    assert not d["last_error"] and d["lag_txids"] == 0
+    out = tmp_path / "r.db"
+    assert restore(url, out) == dump(primary, "app.db")
+    conn.close()

@@ -13,10 +13,12 @@ import random
 import pytest
 
 from litefspy.backup.layout import (
+    DELETED_CHECKSUM,
     SNAPSHOTS,
     EpochMark,
     Listing,
     Piece,
+    deletion_at,
     is_branch,
     parse_listing,
     piece_key,
@@ -144,7 +146,7 @@ def test_a_deposed_primarys_uploads_past_the_fork_are_a_branch() -> None:
     assert branches == [late] and is_branch(late, marks)
     assert plan_restore(main, 30)[-1] == new[0]
     assert plan_restore(main, 20)[-1] == old[-1]
-    with pytest.raises(ValueError, match="gap"):
+    with pytest.raises(ValueError, match="not a restore point"):
         plan_restore(main, 25)  # TXID 25 exists only on the branch
     # Retention drops the branch once it is older than the window, never before.
     assert late not in plan_retention(listing, 5 + 10, 100)
@@ -167,3 +169,37 @@ def test_listing_round_trips_object_names() -> None:
     assert listing.pieces == sorted([p, s])
     assert [(m.epoch, m.txid) for m in listing.marks] == [(7, 9)]
     assert listing.unknown == ["app.db/l0/garbage.ltx", "other.db/l0/x"]
+
+
+def _deletion(lo: int, hi: int, ts: int) -> Piece:
+    key = piece_key("app.db", "l0", lo=lo, hi=hi, epoch=1, ts=ts, post=DELETED_CHECKSUM)
+    return Piece(lo, hi, "l0", 1, ts, DELETED_CHECKSUM, key, 100)
+
+
+def test_a_deletion_is_read_from_the_name_and_retention_keeps_only_it_once_old() -> None:
+    pieces, now = _week()
+    end = max(p.max_txid for p in pieces)
+    gone = _deletion(end + 1, end + 1, now + 1000)
+    (parsed,) = parse_listing("app.db", [(gone.key, 100)]).pieces
+    assert parsed.is_deletion and not pieces[-1].is_deletion
+    main = [*pieces, gone]
+    assert deletion_at(main, end + 1) == parsed
+    assert deletion_at(main, end) is None
+    # Every point before the deletion still restores; the deletion is the newest.
+    assert plan_restore(main, end)[-1].max_txid == end
+    assert txid_at(main, now + 1000) == end + 1
+    listing = Listing(main, [], [])
+    week = 7 * DAY
+    # Inside the window: retention works as usual (the deletion stays).
+    kept = set(main) - set(plan_retention(listing, now + 1000 + DAY, week))
+    assert gone in kept and len(kept) > 1
+    # Once the deletion is older than the window, only it remains.
+    doomed = plan_retention(listing, now + 1000 + week + 1, week)
+    assert set(main) - set(doomed) == {gone}
+
+
+def test_a_txid_inside_one_upload_names_the_nearest_restore_points() -> None:
+    main = [_piece(SNAPSHOTS, 1, 4, 0), _piece("l0", 5, 7, 10)]
+    with pytest.raises(ValueError, match=r"not a restore point .* nearest are 0+4 and 0+7"):
+        plan_restore(main, 6)
+    assert [p.max_txid for p in plan_restore(main, 7)] == [4, 7]

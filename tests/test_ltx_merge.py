@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import pytest
 from litefspy.errors import LTXError
 from litefspy.ltx.apply import apply_files
 from litefspy.ltx.checksum import PageChecksums, page_checksum
-from litefspy.ltx.decoder import verify_file
+from litefspy.ltx.decoder import Decoder, verify_file
 from litefspy.ltx.encoder import write_ltx_file
-from litefspy.ltx.format import Header, lock_pgno
+from litefspy.ltx.format import CHECKSUM_FLAG, Header, lock_pgno
 from litefspy.ltx.merge import merge_files
 
 PAGE = 512
@@ -120,3 +121,34 @@ def test_merge_refuses_a_corrupt_input(tmp_path: Path) -> None:
     paths[1].write_bytes(bytes(raw))
     with open(tmp_path / "out.ltx", "wb") as f, pytest.raises(LTXError):
         merge_files(paths[1:], f)
+
+
+def test_merge_through_a_deletion_keeps_nothing_from_before_it(tmp_path: Path) -> None:
+    """Deleted then made anew (another page size) in one range: only the new pages remain."""
+    paths = _chain(tmp_path, random.Random(4), 4)
+    post = verify_file(paths[-1])[1].post_apply_checksum
+    gone = tmp_path / "deletion.ltx"
+    write_ltx_file(gone, _header(5, 5, 0, post, 2000), [], CHECKSUM_FLAG)
+    # The merge that ends with the deletion is itself a deletion.
+    out = tmp_path / "ends-deleted.ltx"
+    with open(out, "wb") as f:
+        header, trailer = merge_files([*paths[1:], gone], f)
+    assert header.commit == 0 and trailer.post_apply_checksum == CHECKSUM_FLAG
+    verify_file(out)
+    # Made anew with a bigger page size: 2 pages, both written.
+    new_size = PAGE * 2
+    pages = [(1, b"a" * new_size), (2, b"b" * new_size)]
+    sums = PageChecksums(new_size)
+    for pgno, data in pages:
+        sums.set(pgno, page_checksum(pgno, data))
+    header6 = _header(6, 6, 2, CHECKSUM_FLAG, 3000)
+    again = tmp_path / "again.ltx"
+    write_ltx_file(again, dataclasses.replace(header6, page_size=new_size), pages, sums.total)
+    out = tmp_path / "through.ltx"
+    with open(out, "wb") as f:
+        header, trailer = merge_files([*paths[1:], gone, again], f)
+    assert (header.min_txid, header.max_txid, header.commit) == (2, 6, 2)
+    assert header.page_size == new_size and trailer.post_apply_checksum == sums.total
+    verify_file(out)
+    with open(out, "rb") as f:
+        assert list(Decoder(f).pages()) == pages

@@ -81,6 +81,9 @@ class FakeNode:
     def replica_count(self) -> int:
         return self.replicas
 
+    def on_backup_event(self, callback: Callable[[Any], None]) -> None:
+        del callback  # no backup here
+
     def on_role_change(self, callback: Callable[[str], None]) -> None:
         self.role_callbacks.append(callback)
 

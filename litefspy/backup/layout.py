@@ -10,12 +10,20 @@
 
 Every number is 16 hex digits, so names sort by TXID. `t` is the commit time
 (LTX header timestamp, ms) of the object's last transaction and `c` its
-post-apply checksum: restore by time, and a new primary checking where its own
-history meets the backup, need no download. The epoch in every name fences a deposed primary: it can
-never overwrite what the new one writes, and the new one's epoch marker says
-where its history forked; objects of older epochs that reach past that point
-hold transactions the cluster discarded: they form a branch, listed, never
-used for a restore.
+post-apply checksum: restore by time, and a new primary checking where its
+own history meets the backup, need no download. The epoch in every name
+fences a deposed primary: it can never overwrite what the new one writes, and
+the new one's epoch marker says where its history forked; objects of older
+epochs that reach past that point hold transactions the cluster discarded:
+they form a branch, listed, never used for a restore.
+
+A database deleted on the primary is recorded in the chain like any
+transaction: the deletion is an LTX file of commit 0, uploaded as a level-0
+object of its own whose `c` is 8000000000000000 (the checksum of no pages,
+which no live database has), so a listing shows that, and when, a database
+was deleted without downloading anything. A restore to a point after it says
+so; one before it restores as usual; a database made anew continues the
+chain from the empty state's checksum.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from dataclasses import dataclass
 LEVELS = ("l0", "l1", "l2")
 SNAPSHOTS = "snapshots"
 EPOCHS = "epochs"
+# The post-apply checksum of a database with no pages: a deleted one (LTX commit 0).
+DELETED_CHECKSUM = 1 << 63
 
 _HEX = "([0-9a-f]{16})"
 _RANGE = re.compile(rf"^{_HEX}-{_HEX}-e{_HEX}-t{_HEX}-c{_HEX}\.ltx$")
@@ -49,6 +59,11 @@ class Piece:
     @property
     def is_snapshot(self) -> bool:
         return self.level == SNAPSHOTS
+
+    @property
+    def is_deletion(self) -> bool:
+        """Does the database not exist after this piece (its last transaction deleted it)?"""
+        return not self.is_snapshot and self.checksum == DELETED_CHECKSUM
 
 
 @dataclass(frozen=True)
@@ -142,7 +157,14 @@ def plan_restore(main: list[Piece], target_txid: int) -> list[Piece]:
         if not p.is_snapshot:
             by_start.setdefault(p.min_txid, []).append(p)
     while pos < target_txid:
-        options = [p for p in by_start.get(pos + 1, []) if p.max_txid <= target_txid]
+        starting = by_start.get(pos + 1, [])
+        options = [p for p in starting if p.max_txid <= target_txid]
+        if not options and starting:
+            over = min(starting, key=lambda p: p.max_txid)
+            raise ValueError(
+                f"it is not a restore point (one upload holds TXIDs {over.min_txid:016x}.."
+                f"{over.max_txid:016x}); the nearest are {pos:016x} and {over.max_txid:016x}"
+            )
         if not options:
             raise ValueError(f"the backup has a gap after TXID {pos:016x}")
         step = max(options, key=lambda p: (p.max_txid, p.epoch))
@@ -153,6 +175,12 @@ def plan_restore(main: list[Piece], target_txid: int) -> list[Piece]:
 
 def newest_txid(main: list[Piece]) -> int:
     return max((p.max_txid for p in main), default=0)
+
+
+def deletion_at(main: list[Piece], txid: int) -> Piece | None:
+    """The piece that deleted the database, if TXID `txid` is that deletion."""
+    ends = [p for p in main if p.max_txid == txid and not p.is_snapshot]
+    return next((p for p in ends if p.is_deletion), None)
 
 
 def txid_at(main: list[Piece], timestamp_ms: int) -> int | None:
@@ -188,12 +216,18 @@ def plan_retention(listing: Listing, now_ms: int, retention_ms: int) -> list[Pie
 
     The base is the newest snapshot taken at or before the window's start: it
     and everything after it stay; older snapshots, pieces ending at or before
-    the base, and branch pieces older than the window go.
+    the base, and branch pieces older than the window go. A database deleted
+    before the window began keeps only its deletion.
     """
     cutoff = now_ms - retention_ms
     main, branches = split_branches(listing)
-    bases = [p for p in main if p.is_snapshot and p.timestamp_ms <= cutoff]
     doomed = [p for p in branches if p.timestamp_ms < cutoff]
+    end = max(main, key=lambda p: (p.max_txid, p.epoch), default=None)
+    if end is not None and end.is_deletion and end.timestamp_ms < cutoff:
+        # Deleted before the window began: no restore point in it has the database.
+        # The deletion itself stays, so that `backup list` and restore can say so.
+        return sorted(set(doomed + [p for p in main if p is not end]))
+    bases = [p for p in main if p.is_snapshot and p.timestamp_ms <= cutoff]
     if bases:
         base = max(bases, key=lambda p: (p.max_txid, p.epoch))
         doomed += [p for p in main if p is not base and p.max_txid <= base.max_txid]

@@ -11,6 +11,7 @@ when complete: an interrupted restore leaves nothing at PATH.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any
 from litefspy.backup.layout import (
     Listing,
     Piece,
+    deletion_at,
     newest_txid,
     parse_listing,
     plan_restore,
@@ -41,6 +43,14 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 # Pages written per system call while restoring (a snapshot is one long run).
 _RUN_PAGES = 256
+
+
+def iso_time(ms: int) -> str:
+    """Unix milliseconds as RFC 3339 UTC ('-' for none)."""
+    if not ms:
+        return "-"
+    stamp = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def list_databases(target: Target) -> list[str]:
@@ -88,6 +98,11 @@ def restore_database(
     goal = newest if txid is None else txid
     if goal > newest:
         raise BackupError(f"{db}: TXID {goal:016x} is past the newest backed up ({newest:016x})")
+    if (gone := deletion_at(main, goal)) is not None:
+        raise BackupError(
+            f"{db} was deleted at {iso_time(gone.timestamp_ms)} (TXID {goal:016x}); "
+            "restore an earlier point with --timestamp or --txid"
+        )
     try:
         plan = plan_restore(main, goal)
     except ValueError as exc:
@@ -150,6 +165,7 @@ def _apply_pieces(
     sums: PageChecksums | None = None
     txid = 0
     total = 0
+    deleted_ms: int | None = None
 
     def counted(n: int) -> None:
         nonlocal total
@@ -169,10 +185,12 @@ def _apply_pieces(
                     sums = PageChecksums(header.page_size)
                 elif sums is None or header.min_txid != txid + 1:
                     raise LTXError(f"does not continue TXID {txid:016x}")
-                elif header.pre_apply_checksum != sums.total or sums.page_size != header.page_size:
+                elif header.pre_apply_checksum != sums.total:
                     raise LTXError(f"does not continue the checksum {sums.total:016x}")
-                if header.commit == 0:
-                    raise BackupError(f"{db} was deleted at TXID {header.max_txid:016x}")
+                elif sums.page_size != header.page_size:
+                    if sums.page_count:  # only a database made anew may change it
+                        raise LTXError(f"changes the page size to {header.page_size}")
+                    sums = PageChecksums(header.page_size)
                 size = header.page_size
                 run: list[bytes] = []  # consecutive pages, written with one call
                 start = 0
@@ -196,6 +214,14 @@ def _apply_pieces(
             except LTXError as exc:
                 raise BackupError(f"{db}: backup object {piece.key} is unusable: {exc}") from None
             txid = header.max_txid
+            deleted_ms = header.timestamp if header.commit == 0 else None
+        if deleted_ms is not None:
+            # A deletion inside a merged object that ends with it (the listing
+            # could not tell): the database does not exist at this point.
+            raise BackupError(
+                f"{db} was deleted at {iso_time(deleted_ms)} (TXID {txid:016x}); "
+                "restore an earlier point with --timestamp or --txid"
+            )
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -215,6 +241,12 @@ class Restorable:
     objects: int
     bytes: int
     branches: list[Piece]
+    deleted: Piece | None = None  # the deletion, when the database's last act was one
+
+    @property
+    def restorable(self) -> bool:
+        """Does the newest point have the database (it was not deleted)?"""
+        return self.deleted is None and self.newest_txid > 0
 
 
 def describe(target: Target, db: str) -> Restorable:
@@ -222,7 +254,7 @@ def describe(target: Target, db: str) -> Restorable:
     main, branches = split_branches(listing)
     snaps = [p for p in main if p.is_snapshot]
     oldest = min(snaps, key=lambda p: p.max_txid) if snaps else None
-    newest = max(main, key=lambda p: p.max_txid) if main else None
+    newest = max(main, key=lambda p: (p.max_txid, p.epoch)) if main else None
     return Restorable(
         name=db,
         oldest_txid=oldest.max_txid if oldest else 0,
@@ -232,6 +264,7 @@ def describe(target: Target, db: str) -> Restorable:
         objects=len(listing.pieces),
         bytes=sum(p.size for p in listing.pieces),
         branches=branches,
+        deleted=deletion_at(main, newest.max_txid) if newest else None,
     )
 
 
@@ -255,3 +288,33 @@ def restore_into_data_dir(target: Target, dbs_dir: Path, name: str) -> RestoreRe
         txid=result.txid,
     )
     return result
+
+
+def record_deletion_in_data_dir(target: Target, dbs_dir: Path, name: str, deletion: Piece) -> None:
+    """Give a node the history of a database the backup says was deleted.
+
+    No database file: only the deletion itself (an LTX file of commit 0, with
+    no pages), so that the node knows the database at that TXID, deleted, and
+    a database made anew under the same name continues the same history
+    (and the same backup) instead of starting over at TXID 1 beneath it.
+    """
+    from litefspy.ltx.decoder import verify_file
+    from litefspy.ltx.format import format_filename
+
+    ltx_dir = dbs_dir / name / "ltx"
+    ltx_dir.mkdir(parents=True, exist_ok=True)
+    final = ltx_dir / format_filename(deletion.min_txid, deletion.max_txid)
+    tmp = final.with_name(final.name + ".tmp")
+    target.get_to(deletion.key, tmp)
+    try:
+        header, _ = verify_file(tmp)
+    except LTXError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BackupError(f"{name}: backup object {deletion.key} is unusable: {exc}") from None
+    if header.commit != 0:
+        tmp.unlink(missing_ok=True)
+        raise BackupError(f"{name}: backup object {deletion.key} is not a deletion")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(ltx_dir)

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from litefspy.backup.target import Target
-from litefspy.backup.uploader import BackupTotals, Uploader
+from litefspy.backup.uploader import BackupProgress, BackupTotals, Uploader
 from litefspy.backup.worker import MergeWorker
 from litefspy.config import BackupConfig, backup_target_spec
 from litefspy.logs import kv
@@ -51,8 +51,18 @@ class BackupRunner:
             retention=config.retention,
             totals=self.totals,
             merge=self.worker.merge,
+            notify=self._progress,
         )
         self._changed = trio.Event()
+        self._listeners: list[Callable[[BackupProgress], None]] = []
+
+    def listen(self, callback: Callable[[BackupProgress], None]) -> None:
+        """Call `callback` (trio thread) for every object uploaded and every new error."""
+        self._listeners.append(callback)
+
+    def _progress(self, progress: BackupProgress) -> None:
+        for callback in self._listeners:
+            callback(progress)
 
     def role_changed(self, role: str) -> None:
         """Node callback (trio thread): wake the runner to start or stop uploading."""

@@ -46,8 +46,9 @@ from litefspy.backup.target import Target
 from litefspy.backup.worker import merge_to_file
 from litefspy.errors import BackupError, LitefspyError, LTXError
 from litefspy.logs import kv
-from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
-from litefspy.store.database import Position
+from litefspy.ltx.encoder import Encoder
+from litefspy.ltx.format import CHECKSUM_FLAG, HEADER_SIZE, TRAILER_SIZE, Header, Trailer
+from litefspy.store.database import Database, Position
 from litefspy.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,23 @@ class DatabaseBackup:
     last_error_ms: int = 0
 
 
+@dataclass(frozen=True)
+class BackupProgress:
+    """An object reached the store, or an upload failed (the `backup` event)."""
+
+    db: str
+    txid: int  # the object's newest TXID; on an error, the newest one in the store
+    checksum: int = 0
+    level: str = ""  # l0, l1, l2, snapshots ("" on an error)
+    key: str = ""
+    bytes: int = 0
+    committed_ms: int = 0  # commit time of `txid`
+    uploaded_ms: int = 0  # when the object was durable in the store
+    deleted: bool = False
+    error: str = ""
+    lag_txids: int = 0
+
+
 @dataclass
 class BackupTotals:
     bytes_uploaded: int = 0
@@ -91,6 +109,58 @@ def _read_trailer(path: Path) -> Trailer:
         return Trailer.decode(f.read(TRAILER_SIZE))
 
 
+def _commit_time(store: Store, name: str, snapshot: Header) -> int:
+    """When the snapshot's last transaction committed (its LTX file's timestamp)."""
+    db = store.get_if_online(name)
+    if db is not None:
+        try:
+            return _read_header(db.ltx_path(snapshot.max_txid, snapshot.max_txid)).timestamp
+        except (OSError, LTXError):
+            pass  # retention took it, or it was a snapshot itself
+    return snapshot.timestamp
+
+
+def _pending_files(db: Database, after: int, upto: int) -> list[tuple[int, int, Path]]:
+    """(min, max, path) of the LTX files of TXIDs after..upto, oldest first (worker thread).
+
+    A primary writes one file per transaction, so they are named, not listed:
+    the directory holds `data.retention` worth of files (hundreds of thousands
+    at a high commit rate), and listing and parsing all their names every sync
+    interval took more CPU than the upload itself. Listed only when a name is
+    missing (a snapshot or a merged range took their place).
+    """
+    out = []
+    for txid in range(after + 1, upto + 1):
+        path = db.ltx_path(txid, txid)
+        if not os.path.exists(path):
+            return [f for f in db.ltx_files() if after < f[1] <= upto]
+        out.append((txid, txid, path))
+    return out
+
+
+def _write_deletion(
+    out: Path, after: Position, deleted: Position, when_ms: int
+) -> tuple[Header, Trailer]:
+    """An LTX file of TXIDs after.txid+1..deleted.txid that deletes the database."""
+    header = Header(
+        flags=0,
+        page_size=4096,  # no page follows; any valid size
+        commit=0,
+        min_txid=after.txid + 1,
+        max_txid=deleted.txid,
+        timestamp=when_ms,
+        pre_apply_checksum=after.checksum,
+        wal_offset=0,
+        wal_size=0,
+        wal_salt1=0,
+        wal_salt2=0,
+        node_id=0,
+    )
+    with open(out, "wb") as f:
+        trailer = Encoder(f, header).finish(CHECKSUM_FLAG)
+    return header, trailer
+
+
 class Uploader:
     """The primary's backup work for every database of `store` (see module doc)."""
 
@@ -106,6 +176,7 @@ class Uploader:
         clock: Clock = time.time,
         totals: BackupTotals | None = None,
         merge: Merge = merge_to_file,
+        notify: Callable[[BackupProgress], None] | None = None,
     ) -> None:
         self.store = store
         self.target = target
@@ -116,6 +187,7 @@ class Uploader:
         self.clock = clock
         self.totals = totals if totals is not None else BackupTotals()
         self.merge = merge
+        self.notify = notify
         self._next_compaction = {level: 0.0 for level in COMPACTION}
         self._next_retention = 0.0
 
@@ -156,8 +228,23 @@ class Uploader:
         message = str(exc)
         if message != state.last_error:
             log.warning("backup failed; will retry %s: %s", kv(db=name), message)
+            uploaded = state.uploaded.txid if state.uploaded else 0
+            self._notify(
+                BackupProgress(db=name, txid=uploaded, error=message, lag_txids=self._lag(name))
+            )
         state.last_error = message
         state.last_error_ms = self._now_ms()
+
+    def _notify(self, progress: BackupProgress) -> None:
+        if self.notify is not None:
+            self.notify(progress)
+
+    def _lag(self, name: str) -> int:
+        db = self.store.get_if_online(name)
+        state = self._state(name)
+        if db is None:
+            return 0
+        return max(db.pos.txid - (state.uploaded.txid if state.uploaded else 0), 0)
 
     async def sync_database(self, name: str) -> None:
         db = self.store.get_if_online(name)
@@ -174,13 +261,52 @@ class Uploader:
             return
         if not state.pending_since_ms:
             state.pending_since_ms = self._now_ms()
-        files = [f for f in db.ltx_files() if f[1] > state.uploaded.txid and f[1] <= pos.txid]
-        due = self._now_ms() - state.last_snapshot_ms >= self.snapshot_interval * 1000
-        if due or not self._continues(files, state.uploaded):
-            await self._upload_snapshot(name, state)
+        files = await trio.to_thread.run_sync(_pending_files, db, state.uploaded.txid, pos.txid)
+        if db.is_deleted:
+            await self._upload_deletion(name, state, files, pos)
         else:
-            await self._upload_range(name, state, [p for _, _, p in files])
+            due = self._now_ms() - state.last_snapshot_ms >= self.snapshot_interval * 1000
+            if due or not self._continues(files, state.uploaded):
+                await self._upload_snapshot(name, state)
+            else:
+                await self._upload_range(name, state, [p for _, _, p in files])
         state.pending_since_ms = 0 if state.uploaded == db.pos else self._now_ms()
+
+    async def _upload_deletion(
+        self, name: str, state: DatabaseBackup, files: list[tuple[int, int, Path]], pos: Position
+    ) -> None:
+        """The database was deleted (its newest LTX file has commit 0): record it.
+
+        What committed before the deletion goes up first, as usual, then the
+        deletion as an object of its own, so that every restore point up to the
+        deletion stays restorable and the listing shows when it happened.
+        """
+        assert state.uploaded is not None
+        if state.uploaded.txid == 0:
+            # Created and deleted before anything reached the backup: nothing to keep.
+            self._uploaded(name, state, pos)
+            return
+        if self._continues(files, state.uploaded):
+            if len(files) > 1:
+                await self._upload_range(name, state, [p for _, _, p in files[:-1]])
+            await self._upload_range(name, state, [files[-1][2]])
+            return
+        # The local history does not reach back to the backup's end (a new primary
+        # whose history forked earlier): a deletion drops everything before it, so
+        # one commit-0 object from the backup's end to it says the same.
+        when = self._now_ms()
+        if files and files[-1][1] == pos.txid:
+            when = (await trio.to_thread.run_sync(_read_header, files[-1][2])).timestamp or when
+        tmp = self.store.tmp_dir / f"backup-{name}-{secrets.token_hex(4)}.ltx"
+        header, trailer = await trio.to_thread.run_sync(
+            _write_deletion, tmp, state.uploaded, pos, when
+        )
+        key = self._key(name, "l0", header, trailer)
+        try:
+            size = await self._put(key, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._uploaded(name, state, pos, level="l0", key=key, size=size, committed_ms=when)
 
     @staticmethod
     def _continues(files: list[tuple[int, int, Path]], uploaded: Position) -> bool:
@@ -249,31 +375,40 @@ class Uploader:
         header, trailer = await trio.to_thread.run_sync(self.merge, files, tmp, self.store.tmp_dir)
         try:
             key = self._key(name, "l0", header, trailer)
-            await self._put(key, tmp)
+            size = await self._put(key, tmp)
         finally:
             tmp.unlink(missing_ok=True)
-        self._uploaded(name, state, Position(header.max_txid, trailer.post_apply_checksum))
+        pos = Position(header.max_txid, trailer.post_apply_checksum)
+        self._uploaded(
+            name, state, pos, level="l0", key=key, size=size, committed_ms=header.timestamp
+        )
 
     async def _upload_snapshot(self, name: str, state: DatabaseBackup) -> None:
         path = await self.store.snapshot(name)
         try:
             header = await trio.to_thread.run_sync(_read_header, path)
             trailer = await trio.to_thread.run_sync(_read_trailer, path)
+            # Named by when its last transaction committed, not by when it was
+            # taken (later): a restore by time right after that commit finds it.
+            committed = await trio.to_thread.run_sync(_commit_time, self.store, name, header)
             key = piece_key(
                 name,
                 SNAPSHOTS,
                 lo=1,
                 hi=header.max_txid,
                 epoch=self.epoch(),
-                ts=header.timestamp or self._now_ms(),
+                ts=committed or self._now_ms(),
                 post=trailer.post_apply_checksum,
             )
-            await self._put(key, path)
+            size = await self._put(key, path)
         finally:
             path.unlink(missing_ok=True)
         state.last_snapshot_ms = self._now_ms()
         state.last_snapshot_txid = header.max_txid
-        self._uploaded(name, state, Position(header.max_txid, trailer.post_apply_checksum))
+        pos = Position(header.max_txid, trailer.post_apply_checksum)
+        self._uploaded(
+            name, state, pos, level=SNAPSHOTS, key=key, size=size, committed_ms=committed
+        )
         log.info("backup snapshot uploaded %s", kv(db=name, txid=f"{header.max_txid:016x}"))
 
     def _key(self, name: str, level: str, header: Header, trailer: Trailer) -> str:
@@ -288,7 +423,9 @@ class Uploader:
             post=trailer.post_apply_checksum,
         )
 
-    async def _put(self, key: str, path: Path) -> None:
+    async def _put(self, key: str, path: Path) -> int:
+        """Upload `path` as `key` (if absent); its size."""
+
         def put() -> tuple[bool, int]:
             return self.target.put_new(key, path), path.stat().st_size
 
@@ -296,12 +433,43 @@ class Uploader:
         if created:
             self.totals.bytes_uploaded += size
             self.totals.objects_uploaded += 1
+        return size
 
-    def _uploaded(self, name: str, state: DatabaseBackup, pos: Position) -> None:
+    def _uploaded(
+        self,
+        name: str,
+        state: DatabaseBackup,
+        pos: Position,
+        *,
+        level: str = "",
+        key: str = "",
+        size: int = 0,
+        committed_ms: int = 0,
+    ) -> None:
         state.uploaded = pos
         state.uploaded_ms = self._now_ms()
         # Local retention may now let go of the files up to here.
         self.store.keep_from[name] = pos.txid
+        if key:
+            self._notify(
+                self._progress(name, pos, level, key=key, size=size, committed_ms=committed_ms)
+            )
+
+    def _progress(
+        self, name: str, pos: Position, level: str, *, key: str, size: int, committed_ms: int
+    ) -> BackupProgress:
+        return BackupProgress(
+            db=name,
+            txid=pos.txid,
+            checksum=pos.checksum,
+            level=level,
+            key=key,
+            bytes=size,
+            committed_ms=committed_ms,
+            uploaded_ms=self._now_ms(),
+            deleted=pos.checksum == CHECKSUM_FLAG and level != SNAPSHOTS,
+            lag_txids=self._lag(name),
+        )
 
     # ---------------------------------------------- compaction and retention
 
@@ -344,13 +512,17 @@ class Uploader:
             out = work / "merged.ltx"
             header, trailer = await trio.to_thread.run_sync(self.merge, paths, out, work)
             key = self._key(name, level, header, trailer)
-            await self._put(key, out)
+            size = await self._put(key, out)
         finally:
             for p in work.iterdir():
                 p.unlink()
             work.rmdir()
         span = f"{run[0].min_txid:x}-{run[-1].max_txid:x}"
         log.info("backup compacted %s", kv(db=name, level=level, pieces=len(run), txids=span))
+        pos = Position(header.max_txid, trailer.post_apply_checksum)
+        self._notify(
+            self._progress(name, pos, level, key=key, size=size, committed_ms=header.timestamp)
+        )
         return Piece(
             header.min_txid,
             header.max_txid,

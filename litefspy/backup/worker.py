@@ -7,11 +7,13 @@ node's commit rate in WAL/NORMAL (bench W9); in a process of its own it runs
 on another core and the FUSE loop never waits for it. The worker is started
 on first use with the `spawn` method (never `fork` in a threaded, mounted
 process) and inherits no descriptor of the node's; it exits when the node does.
+It runs at a lower CPU priority than the node (WORKER_NICENESS).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -35,6 +37,17 @@ def merge_to_file(paths: list[Path], out: Path, tmp_dir: Path) -> tuple[Header, 
         raise
 
 
+# How much lower the merge worker's CPU priority is than the node's. Merges
+# wait for the sync interval anyway; under a burst of commits on a busy machine
+# the commit path (FUSE loop, the application) goes first, and the worker still
+# gets a share (about a quarter of a contended core) to keep the backup moving.
+WORKER_NICENESS = 5
+
+
+def _lower_priority() -> None:
+    os.nice(WORKER_NICENESS)
+
+
 class MergeWorker:
     """`merge_to_file` in a one-process pool; blocking, so call it from a worker thread."""
 
@@ -46,7 +59,9 @@ class MergeWorker:
         with self._guard:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_lower_priority,
                 )
             pool = self._pool
         try:

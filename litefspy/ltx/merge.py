@@ -6,7 +6,9 @@ inputs changed (pages past the final commit dropped), the first file's
 pre-apply checksum and the last file's post-apply checksum and timestamp, so
 applying it is the same as applying the inputs in order. A snapshot may only
 come first (the result is then a snapshot); inputs must continue each other
-(TXIDs and checksums), or the merge is refused.
+(TXIDs and checksums), or the merge is refused. A deletion (commit 0) drops
+every page before it; a database created again after it continues from the
+empty state's checksum and may have a new page size.
 
 Pages are staged in a sparse temporary file at their database offsets, so
 memory stays small whatever the size of the range.
@@ -52,6 +54,8 @@ def merge_files(
                 if first is None:
                     first = header
                 size = header.page_size
+                if header.commit == 0:
+                    present.clear()  # a deletion: nothing before it survives
                 for pgno, data in dec.pages():
                     os.pwrite(stage.fileno(), data, (pgno - 1) * size)
                     present.add(pgno)
@@ -96,5 +100,5 @@ def _check_continues(path: StrPath, last: Header | None, post: int, header: Head
             f"merge: {name} pre-apply checksum {header.pre_apply_checksum:016x} does not "
             f"continue {post:016x}"
         )
-    if header.page_size != last.page_size:
+    if header.page_size != last.page_size and last.commit != 0:
         raise LTXError(f"merge: {name} changes the page size (needs a snapshot)")

@@ -45,7 +45,14 @@ from litefspy.ltx.checksum import PageChecksums, page_checksum
 from litefspy.ltx.decoder import Decoder, verify_file
 from litefspy.ltx.encoder import Encoder
 from litefspy.ltx.files import fsync_dir
-from litefspy.ltx.format import FLAG_COMPRESS, Header, format_filename, lock_pgno, parse_filename
+from litefspy.ltx.format import (
+    CHECKSUM_FLAG,
+    FLAG_COMPRESS,
+    Header,
+    format_filename,
+    lock_pgno,
+    parse_filename,
+)
 from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
 from litefspy.sqlite.header import parse_database_header
 from litefspy.sqlite.journal import (
@@ -161,6 +168,11 @@ class Database:
     @property
     def db_path(self) -> Path:
         return self.path(FileKind.DATABASE)
+
+    @property
+    def is_deleted(self) -> bool:
+        """The newest transaction deleted the database (an LTX file of commit 0)."""
+        return self.pos.txid > 0 and self.pos.checksum == CHECKSUM_FLAG and self.checksums is None
 
     def exists(self) -> bool:
         """The database file exists (it may be empty until the first commit)."""

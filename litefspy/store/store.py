@@ -1082,6 +1082,9 @@ class Store:
             files = db.ltx_files()
             if len(files) != 1 or files[0][1] != db.pos.txid:
                 continue
+            keep_from = self.keep_from.get(db.name)
+            if keep_from is not None and keep_from < db.pos.txid:
+                continue  # the backup has not recorded the deletion yet
             try:
                 if files[0][2].stat().st_mtime < cutoff:
                     names.append(db.name)

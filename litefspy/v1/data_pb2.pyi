@@ -276,30 +276,98 @@ class PrimaryChangeEvent(_message.Message):
 Global___PrimaryChangeEvent: _TypeAlias = PrimaryChangeEvent  # noqa: Y015
 
 @_typing.final
+class BackupEvent(_message.Message):
+    """Progress of the continuous backup (sent by the primary, which alone uploads):
+    an object reached the store, or an upload failed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DB_FIELD_NUMBER: _builtins.int
+    TXID_FIELD_NUMBER: _builtins.int
+    POST_APPLY_CHECKSUM_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    COMMITTED_MS_FIELD_NUMBER: _builtins.int
+    UPLOADED_MS_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    LAG_TXIDS_FIELD_NUMBER: _builtins.int
+    db: _builtins.str
+    txid: _builtins.int
+    """Newest TXID of the object (the backup's high-water mark for level l0 and
+    snapshots); on an error, the newest TXID durable in the store.
+    """
+    post_apply_checksum: _builtins.int
+    level: _builtins.str
+    """"l0" (a sync interval), "l1" / "l2" (compactions), "snapshots"; "" on an error."""
+    key: _builtins.str
+    """The object's name, relative to the backup URL."""
+    bytes: _builtins.int
+    committed_ms: _builtins.int
+    """When `txid` committed and when its object was durable in the store (Unix ms):
+    their difference is the recovery point for that commit.
+    """
+    uploaded_ms: _builtins.int
+    deleted: _builtins.bool
+    """The object records the database's deletion."""
+    error: _builtins.str
+    """One line: the upload failed (it is retried every sync interval)."""
+    lag_txids: _builtins.int
+    """Transactions committed on this node not in the store yet."""
+    def __init__(
+        self,
+        *,
+        db: _builtins.str = ...,
+        txid: _builtins.int = ...,
+        post_apply_checksum: _builtins.int = ...,
+        level: _builtins.str = ...,
+        key: _builtins.str = ...,
+        bytes: _builtins.int = ...,
+        committed_ms: _builtins.int = ...,
+        uploaded_ms: _builtins.int = ...,
+        deleted: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        lag_txids: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "committed_ms", b"committed_ms", "db", b"db", "deleted", b"deleted", "error", b"error", "key", b"key", "lag_txids", b"lag_txids", "level", b"level", "post_apply_checksum", b"post_apply_checksum", "txid", b"txid", "uploaded_ms", b"uploaded_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupEvent: _TypeAlias = BackupEvent  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INIT_FIELD_NUMBER: _builtins.int
     TX_FIELD_NUMBER: _builtins.int
     PRIMARY_CHANGE_FIELD_NUMBER: _builtins.int
+    BACKUP_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def init(self) -> Global___InitEvent: ...
     @_builtins.property
     def tx(self) -> Global___TxEvent: ...
     @_builtins.property
     def primary_change(self) -> Global___PrimaryChangeEvent: ...
+    @_builtins.property
+    def backup(self) -> Global___BackupEvent: ...
     def __init__(
         self,
         *,
         init: Global___InitEvent | None = ...,
         tx: Global___TxEvent | None = ...,
         primary_change: Global___PrimaryChangeEvent | None = ...,
+        backup: Global___BackupEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "init", b"init", "primary_change", b"primary_change", "tx", b"tx"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "event", b"event", "init", b"init", "primary_change", b"primary_change", "tx", b"tx"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "init", b"init", "primary_change", b"primary_change", "tx", b"tx"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "event", b"event", "init", b"init", "primary_change", b"primary_change", "tx", b"tx"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["init", "tx", "primary_change"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["init", "tx", "primary_change", "backup"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
