@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,108 @@ from litefspy.errors import DatabaseError, LitefspyError
 
 # Longest an import or export may take end to end.
 TRANSFER_TIMEOUT = 3600.0
+# Without a terminal: a progress line on stderr at most this often.
+PLAIN_INTERVAL = 5.0
+# How often the node is asked how its side of an import is going.
+POLL_INTERVAL = 1.0
+
+
+class TransferProgress:
+    """Bytes moved by the CLI: a tqdm bar on a terminal, a plain line on stderr
+    every few seconds otherwise (so logs of scripted runs show progress too)."""
+
+    def __init__(self, what: str, total: int, *, tty: bool | None = None) -> None:
+        self.what = what
+        self.total = total
+        self.done = 0
+        self.phase = ""
+        self.started = time.monotonic()
+        self._next_line = self.started + PLAIN_INTERVAL
+        self._lock = threading.Lock()
+        self.bar: Any = None
+        if sys.stderr.isatty() if tty is None else tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=what, leave=False)
+
+    def update(self, n: int) -> None:
+        """`n` more bytes moved."""
+        with self._lock:
+            self.done += n
+            if self.bar is not None:
+                self.bar.update(n)
+            else:
+                self._maybe_line()
+
+    def node_phase(self, phase: str, done: int, total: int) -> None:
+        """What the node reports about its side (import: checking, writing...)."""
+        with self._lock:
+            if self.bar is not None:
+                if phase != self.phase:
+                    self.bar.reset(total=total or None)
+                    self.bar.set_description(f"{self.what}: {phase}")
+                self.bar.n = done
+                self.bar.refresh()
+            else:
+                if phase != self.phase:
+                    self._next_line = 0.0  # say so at once
+                self.total, self.done = total, done
+            self.phase = phase
+            if self.bar is None:
+                self._maybe_line()
+
+    def _maybe_line(self) -> None:
+        from litefspy.progress import format_bytes
+
+        now = time.monotonic()
+        if now < self._next_line:
+            return
+        self._next_line = now + PLAIN_INTERVAL
+        elapsed = max(now - self.started, 1e-9)
+        line = f"{self.what}: "
+        if self.phase:
+            line += f"{self.phase}: "
+        line += format_bytes(self.done)
+        if self.total:
+            line += f" of {format_bytes(self.total)} ({100 * self.done / self.total:.0f}%)"
+        if not self.phase:
+            line += f", {format_bytes(int(self.done / elapsed))}/s"
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _NodeWatcher:
+    """After an upload: polls the node's status for its side of the work."""
+
+    def __init__(self, url: str, kind: str, name: str, progress: TransferProgress) -> None:
+        self.url, self.kind, self.name, self.progress = url, kind, name, progress
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=POLL_INTERVAL * 2)
+
+    def _run(self) -> None:
+        from litefspy.replication.bridge import RemoteError, fetch_status
+
+        while not self._stop.wait(POLL_INTERVAL):
+            try:
+                reply = fetch_status(self.url, timeout=POLL_INTERVAL * 2)
+            except RemoteError:
+                continue  # the transfer's own call reports real failures
+            for work in reply.progress:
+                if work.kind == self.kind and work.name == self.name:
+                    phase = work.phase or "working"
+                    self.progress.node_phase(phase, work.done_bytes, work.total_bytes)
 
 
 def add_parsers(sub: Any) -> None:
@@ -63,7 +167,9 @@ def remote_message(exc: Exception, url: str) -> str:
 # --------------------------------------------------------------------- import
 
 
-def _upload(path: Path, name: str, size: int) -> Iterator[Any]:
+def _upload(
+    path: Path, name: str, size: int, progress: TransferProgress, uploaded: _NodeWatcher
+) -> Iterator[Any]:
     from litefspy.dataservice import CHUNK_SIZE
     from litefspy.v1 import data_pb2 as pb
 
@@ -71,10 +177,13 @@ def _upload(path: Path, name: str, size: int) -> Iterator[Any]:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_SIZE):
             yield pb.ImportRequest(data=chunk)
+            progress.update(len(chunk))
+    uploaded.start()
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from litefspy.dataservice import IMPORT_METHOD
+    from litefspy.progress import IMPORT
     from litefspy.replication.bridge import RemoteError, call_client_stream
     from litefspy.store.store import validate_sqlite_file
     from litefspy.v1 import data_pb2 as pb
@@ -87,11 +196,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
         raise LitefspyError(f"cannot import {name}: {exc}") from None
     size = path.stat().st_size
     url = _url(args)
+    progress = TransferProgress(f"import {name}", size)
+    watcher = _NodeWatcher(url, IMPORT, name, progress)
     try:
         reply = call_client_stream(
             url,
             IMPORT_METHOD,
-            _upload(path, name, size),
+            _upload(path, name, size, progress, watcher),
             request_type=pb.ImportRequest,
             response_type=pb.ImportReply,
             timeout=TRANSFER_TIMEOUT,
@@ -101,6 +212,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
         if not message.startswith(f"cannot import {name}"):
             message = f"cannot import {name}: {message}"
         raise LitefspyError(message) from None
+    finally:
+        watcher.stop()
+        progress.close()
     print(f"imported {path} as {reply.name}: txid {reply.txid:016x}/{reply.checksum:016x}")
     return 0
 
@@ -111,6 +225,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from litefspy.dataservice import EXPORT_METHOD
     from litefspy.ltx.files import fsync_dir
+    from litefspy.progress import EXPORT
     from litefspy.replication.bridge import RemoteError, call_server_stream
     from litefspy.v1 import data_pb2 as pb
 
@@ -121,6 +236,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     start: Any = None
     written = 0
+    # Until the copy starts arriving, the node is building it: say how far it got.
+    progress = TransferProgress(f"export {name}", 0)
+    watcher = _NodeWatcher(url, EXPORT, name, progress)
+    watcher.start()
     try:
         with open(tmp, "wb") as f:
             try:
@@ -131,8 +250,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 for chunk in chunks:
                     if chunk.WhichOneof("part") == "start":
                         start = chunk.start
+                        watcher.stop()
+                        progress.node_phase("receiving", 0, start.size)
                     else:
-                        written += f.write(chunk.data)
+                        n = f.write(chunk.data)
+                        written += n
+                        progress.update(n)
             except RemoteError as exc:
                 message = remote_message(exc, url)
                 if not message.startswith(f"cannot export {name}"):
@@ -149,6 +272,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
         fsync_dir(out.parent)
     finally:
+        watcher.stop()
+        progress.close()
         tmp.unlink(missing_ok=True)
     print(f"exported {name} to {out}: txid {start.txid:016x}/{start.checksum:016x}")
     return 0

@@ -13,7 +13,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from litefspy.errors import ConfigError
-from litefspy.metrics import DbStats, Metrics
+from litefspy.metrics import DbStats, Metrics, ReplicationStats
 from litefspy.proxy import ListenError
 
 
@@ -50,6 +50,15 @@ class FakeSource:
 
     def fuse_request_counts(self) -> Mapping[str, int]:
         return self.fuse
+
+    def lag_seconds(self) -> float:
+        return 0.0
+
+    def ready(self) -> bool:
+        return True
+
+    def replication(self) -> ReplicationStats:
+        return ReplicationStats()
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -34,6 +34,7 @@ class FakeState:
         self.hostname = hostname
         self.proxy_url: str | None = None
         self.lag = 0.0
+        self.ready: tuple[bool, str] = (True, "")
         self._txids: dict[str, int] = {}
         self._lock = threading.Lock()
         self.waiters = TxidWaiters(self.txid)
@@ -55,6 +56,9 @@ class FakeState:
 
     def lag_seconds(self) -> float:
         return self.lag
+
+    def readiness(self) -> tuple[bool, str]:
+        return self.ready
 
     def commit(self, db: str = DB) -> int:
         """One more transaction (callable from any thread)."""
