@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from litefspy.errors import DatabaseError, LitefspyError
+from litefspy.progress import interval_from_env
 
 # Longest an import or export may take end to end.
 TRANSFER_TIMEOUT = 3600.0
 # Without a terminal: a progress line on stderr at most this often.
-PLAIN_INTERVAL = 5.0
+PLAIN_INTERVAL = interval_from_env()
 # How often the node is asked how its side of an import is going.
 POLL_INTERVAL = 1.0
 

@@ -11,6 +11,7 @@ thread, readers only see integers and floats that Python updates atomically.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -21,8 +22,26 @@ from litefspy.logs import kv
 
 log = logging.getLogger(__name__)
 
+
+def interval_from_env(default: float = 5.0) -> float:
+    """`LITEFSPY_PROGRESS_INTERVAL` (seconds; tests shorten it), else `default`."""
+    text = os.environ.get("LITEFSPY_PROGRESS_INTERVAL", "")
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        log.warning(
+            "ignoring LITEFSPY_PROGRESS_INTERVAL=%r: not a number of seconds; using %gs",
+            text,
+            default,
+        )
+        return default
+    return value
+
+
 # A progress log line at most this often per piece of work.
-LOG_INTERVAL = 5.0
+LOG_INTERVAL = interval_from_env()
 
 # The kinds of long work, as status and the logs name them.
 IMPORT = "import"

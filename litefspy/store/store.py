@@ -913,6 +913,8 @@ class Store:
         wal = db.is_wal_mode()
         # A new database has no SQLite user to lock out (and the mount may be
         # holding lookups of its name until the import is done).
+        if progress is not None:
+            progress.set_detail("waiting for SQLite locks")
         held = (
             await self._lock(name, wal, exclusive=True, writers=True)
             if db.exists()
