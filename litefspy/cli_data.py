@@ -39,6 +39,7 @@ class TransferProgress:
         self.phase = ""
         self.started = time.monotonic()
         self._next_line = self.started + PLAIN_INTERVAL
+        self._printed = False
         self._lock = threading.Lock()
         self.bar: Any = None
         if sys.stderr.isatty() if tty is None else tty:
@@ -73,12 +74,16 @@ class TransferProgress:
                 self._maybe_line()
 
     def _maybe_line(self) -> None:
-        from litefspy.progress import format_bytes
-
         now = time.monotonic()
         if now < self._next_line:
             return
         self._next_line = now + PLAIN_INTERVAL
+        self._write_line(now)
+
+    def _write_line(self, now: float) -> None:
+        from litefspy.progress import format_bytes
+
+        self._printed = True
         elapsed = max(now - self.started, 1e-9)
         line = f"{self.what}: "
         if self.phase:
@@ -91,9 +96,17 @@ class TransferProgress:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
-    def close(self) -> None:
+    def close(self, *, done: bool = False) -> None:
+        """End the bar; without a terminal, a last line if any was printed
+        (`done`: the work completed, whatever the last report said)."""
         if self.bar is not None:
             self.bar.close()
+            return
+        with self._lock:
+            if done:
+                self.done = max(self.done, self.total)
+            if self._printed:
+                self._write_line(time.monotonic())
 
 
 class _NodeWatcher:
@@ -199,6 +212,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     url = _url(args)
     progress = TransferProgress(f"import {name}", size)
     watcher = _NodeWatcher(url, IMPORT, name, progress)
+    ok = False
     try:
         reply = call_client_stream(
             url,
@@ -208,6 +222,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
             response_type=pb.ImportReply,
             timeout=TRANSFER_TIMEOUT,
         )
+        ok = True
     except RemoteError as exc:
         message = remote_message(exc, url)
         if not message.startswith(f"cannot import {name}"):
@@ -215,7 +230,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         raise LitefspyError(message) from None
     finally:
         watcher.stop()
-        progress.close()
+        progress.close(done=ok)
     print(f"imported {path} as {reply.name}: txid {reply.txid:016x}/{reply.checksum:016x}")
     return 0
 
@@ -241,6 +256,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     progress = TransferProgress(f"export {name}", 0)
     watcher = _NodeWatcher(url, EXPORT, name, progress)
     watcher.start()
+    ok = False
     try:
         with open(tmp, "wb") as f:
             try:
@@ -272,9 +288,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
             os.fsync(f.fileno())
         os.replace(tmp, out)
         fsync_dir(out.parent)
+        ok = True
     finally:
         watcher.stop()
-        progress.close()
+        progress.close(done=ok)
         tmp.unlink(missing_ok=True)
     print(f"exported {name} to {out}: txid {start.txid:016x}/{start.checksum:016x}")
     return 0

@@ -48,6 +48,19 @@ def _health(port: int) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{port}/litefs/health", trust_env=False, timeout=10)
 
 
+def _first_health(port: int) -> httpx.Response:
+    """The health check once the proxy listens (it starts right after the mount)."""
+
+    def answer() -> httpx.Response | None:
+        try:
+            return _health(port)
+        except httpx.ConnectError:
+            return None
+
+    response: httpx.Response = wait_for(answer, 10, what="the proxy to listen")
+    return response
+
+
 def quick_status(node: NodeProcess) -> dict[str, Any]:
     """The object `status --json` prints, fetched in-process (no interpreter start)."""
     return status_to_dict(fetch_status(node.url))
@@ -77,7 +90,7 @@ def test_replica_not_ready_until_first_catch_up_then_metrics(node_factory) -> No
     replica = replica_of(node_factory, primary, config_extra=_extras(r_proxy, r_metrics))
     replica.start()  # its primary is not running yet
 
-    r = _health(r_proxy)
+    r = _first_health(r_proxy)
     assert r.status_code == 503
     assert r.text.startswith("not ready: not connected to the primary at http://")
     st = quick_status(replica)
@@ -180,7 +193,7 @@ def test_import_export_progress_in_status_cli_and_logs(
 ) -> None:
     """An import waiting for SQLite's locks is listed by status with its phase; the
     CLI prints progress lines (no terminal) and the node logs them."""
-    monkeypatch.setenv("LITEFSPY_PROGRESS_INTERVAL", "0.05")
+    monkeypatch.setenv("LITEFSPY_PROGRESS_INTERVAL", "0.01")
     primary = node_factory("primary").start()
     conn = connect(primary.db("app.db"), "delete")
     conn.execute("CREATE TABLE old (x)")
@@ -240,11 +253,28 @@ def test_import_export_progress_in_status_cli_and_logs(
     out_path = tmp_path / "copy.db"
     exported = litefspy("export", "--name", "app.db", str(out_path), "--url", primary.url)
     assert exported.returncode == 0, exported.stderr
-    assert f"export app.db: receiving: {size / 1048576:.1f}MiB of" in exported.stderr
+    last = exported.stderr.splitlines()[-1]
+    assert (
+        last
+        == f"export app.db: receiving: {size / 1048576:.1f}MiB of {size / 1048576:.1f}MiB (100%)"
+    )
     check = sqlite3.connect(out_path)
     assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 8 * 256
     check.close()
     assert "export in progress db=app.db" in full_log(primary)
+
+    # A history longer than a new replica replays: it catches up by a snapshot,
+    # which both sides log as progress.
+    conn = connect(primary.db("app.db"))
+    for i in range(17):
+        conn.execute("INSERT INTO t VALUES (?)", (i,))
+    conn.close()
+    replica = replica_of(node_factory, primary).start()
+    wait_same_pos(primary, [replica], "app.db")
+    assert status(replica)["replication"]["snapshots_applied"] == 1
+    assert "snapshot-send done db=app.db" in full_log(primary)
+    assert 'phase="sending to replica"' in full_log(primary)
+    assert "snapshot-receive done db=app.db" in full_log(replica)
 
 
 def test_clean_restart_skips_the_startup_read_unless_the_file_changed(node_factory) -> None:
