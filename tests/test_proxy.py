@@ -413,6 +413,19 @@ async def test_health(app: App) -> None:
     assert app.hits == []
 
 
+async def test_health_not_ready_comes_first(app: App) -> None:
+    state = FakeState(primary=False)
+    state.ready = (False, "catching up with the primary p1: receiving app.db 40%")
+    async with running_proxy(proxy_config(app.port), state) as client:
+        r = await client.get("/litefs/health")
+        assert r.status_code == 503
+        assert r.text == "not ready: catching up with the primary p1: receiving app.db 40%\n"
+        state.ready = (True, "")
+        r = await client.get("/litefs/health")
+        assert (r.status_code, r.text) == (200, "OK\n")
+    assert app.hits == []
+
+
 async def test_passthrough_and_always_forward_globs(app: App) -> None:
     state = FakeState(primary=False, hostname="node-p")
     config = proxy_config(
