@@ -24,8 +24,8 @@ from litefspy.progress import interval_from_env
 TRANSFER_TIMEOUT = 3600.0
 # Without a terminal: a progress line on stderr at most this often.
 PLAIN_INTERVAL = interval_from_env()
-# How often the node is asked how its side of an import is going.
-POLL_INTERVAL = 1.0
+# How often the node is asked how its side of an import or export is going.
+POLL_INTERVAL = max(0.1, min(1.0, PLAIN_INTERVAL))
 
 
 class TransferProgress:

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,10 @@ def test_import_export_progress_in_status_cli_and_logs(
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert cli.stderr is not None
+    lines: list[str] = []
+    stderr_reader = threading.Thread(target=lambda: lines.extend(cli.stderr or []), daemon=True)
+    stderr_reader.start()
     try:
 
         def waiting() -> dict[str, Any] | None:
@@ -236,15 +241,25 @@ def test_import_export_progress_in_status_cli_and_logs(
         table = litefspy("status", "--url", primary.url).stdout
         assert "WORK" in table and "import  app.db" in table
         assert "waiting for SQLite locks" in table
+        # The CLI follows the node's side too.
+        wait_for(
+            lambda: any("waiting for SQLite locks" in line for line in list(lines)),
+            30,
+            what="the CLI to show the node's phase",
+        )
     finally:
         reader.execute("COMMIT")
         reader.close()
-    out, err = cli.communicate(timeout=60)
-    assert cli.returncode == 0, err
+    assert cli.wait(60) == 0, "".join(lines)
+    stderr_reader.join(10)
+    assert cli.stdout is not None
+    out = cli.stdout.read()
+    cli.stdout.close()
+    cli.stderr.close()
     assert out.startswith(f"imported {src} as app.db: txid ")
-    lines = err.splitlines()
-    assert any(line.startswith("import app.db: ") and "(100%)" in line for line in lines), err
-    assert any("waiting for SQLite locks" in line for line in lines), err
+    err = "".join(lines)
+    assert lines[-1].startswith("import app.db: ") and lines[-1].endswith("(100%)\n"), err
+    assert any(line.startswith("import app.db: ") and ", " in line for line in lines), err
     assert status(primary)["progress"] == []
     log = full_log(primary)
     assert "import in progress db=app.db" in log
