@@ -32,4 +32,5 @@ BENCHMARKS: dict[str, Benchmark] = {
     "failover": _lazy("bench.failover"),
     "fs": _lazy("bench.fs"),
     "replication": _lazy("bench.replication"),
+    "startup": _lazy("bench.startup"),
 }

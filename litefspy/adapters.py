@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -21,7 +21,7 @@ import trio
 from litefspy.config import split_host_port
 from litefspy.errors import NotFoundError
 from litefspy.logs import kv
-from litefspy.metrics import DbStats
+from litefspy.metrics import DbStats, ReplicaLink, ReplicationStats
 from litefspy.proxy import TxidWaiters
 from litefspy.store.database import CommitInfo, Database
 from litefspy.store.store import Store
@@ -85,6 +85,9 @@ class NodeProxyState:
     def lag_seconds(self) -> float:
         return self.node.lag_ms() / 1000.0
 
+    def readiness(self) -> tuple[bool, str]:
+        return self.node.readiness()
+
 
 @dataclass
 class _LtxCount:
@@ -116,6 +119,8 @@ class NodeMetricsSource:
         self.node = node
         self.commits: dict[str, int] = {}
         self._ltx: dict[str, _LtxCount] = {}
+        # Replicas seen since start: one that went away shows as not connected.
+        self._replicas_seen: set[str] = set()
 
     def on_commit(self, info: CommitInfo) -> None:
         """Store listener: count the commit and its LTX file (cheap, any thread)."""
@@ -176,3 +181,16 @@ class NodeMetricsSource:
 
     def fuse_request_counts(self) -> Mapping[str, int]:
         return dict(self.node.ops.request_counts)
+
+    def lag_seconds(self) -> float:
+        return self.node.lag_ms() / 1000.0
+
+    def ready(self) -> bool:
+        return self.node.readiness()[0]
+
+    def replication(self) -> ReplicationStats:
+        stats = self.node.replication_stats()
+        connected = {link.hostname for link in stats.replicas}
+        self._replicas_seen |= connected
+        links = [ReplicaLink(h, h in connected) for h in sorted(self._replicas_seen)]
+        return replace(stats, replicas=links)

@@ -233,6 +233,21 @@ def _ago(ms: int | None) -> str:
     return f"{seconds // 3600} h ago"
 
 
+def _progress_row(p: dict[str, Any]) -> list[str]:
+    from litefspy.progress import format_bytes
+
+    done = format_bytes(p["done_bytes"])
+    if p["total_bytes"]:
+        done += f" of {format_bytes(p['total_bytes'])} ({p['percent']:.0f}%)"
+    return [
+        p["kind"],
+        p["name"],
+        done,
+        f"{format_bytes(p['rate_bytes_per_second'])}/s",
+        p.get("phase") or "",
+    ]
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The human-readable form of `status --json`."""
     node, lease, primary = status["node"], status["lease"], status["primary"]
@@ -249,6 +264,8 @@ def render_status(status: dict[str, Any]) -> str:
             else ""
         ),
         f"cluster:  {status.get('cluster_id') or '-'}",
+        "ready:    "
+        + ("true" if status.get("ready", True) else f"false ({status.get('not_ready_reason')})"),
     ]
     repl = status.get("replication")
     if repl:
@@ -257,6 +274,12 @@ def render_status(status: dict[str, Any]) -> str:
             f"sync:     {state}; {repl['files_applied']} files "
             f"({repl['snapshots_applied']} snapshots) applied, {repl['apply_errors']} errors"
             + _replication_error(repl)
+        )
+    work = status.get("progress") or []
+    if work:
+        lines.append("")
+        lines += _table(
+            [_progress_row(p) for p in work], ["WORK", "DATABASE", "DONE", "RATE", "PHASE"]
         )
     lines.append("")
     if status["databases"]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,9 @@ import trio
 
 from litefspy.errors import DatabaseError, NotFoundError
 from litefspy.logs import kv
+from litefspy.progress import EXPORT, IMPORT, Progress
 from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
+from litefspy.store.database import Position
 from litefspy.store.store import valid_database_name
 from litefspy.v1 import data_pb2 as pb
 
@@ -78,8 +81,21 @@ class DataService:
             raise RPCRefused(Code.INVALID_ARGUMENT, f"invalid database name {name!r}")
         self._require_primary(name)
         tmp = self._tmp_path("import", name)
+        with self.node.store.progress.track(IMPORT, name, size, detail="receiving") as progress:
+            pos = await self._import(name, size, requests, tmp, progress)
+        log.info("import done %s", kv(db=name, bytes=size, pos=pos, peer=peer))
+        return pb.ImportReply(name=name, txid=pos.txid, checksum=pos.checksum)
+
+    async def _import(
+        self,
+        name: str,
+        size: int,
+        requests: trio.MemoryReceiveChannel[pb.ImportRequest],
+        tmp: Path,
+        progress: Progress,
+    ) -> Position:
         try:
-            received = await receive_file(requests, tmp)
+            received = await receive_file(requests, tmp, on_data=progress.advance)
             if received != size:
                 raise RPCRefused(
                     Code.INVALID_ARGUMENT,
@@ -87,7 +103,7 @@ class DataService:
                 )
             self._require_primary(name)  # the role may have changed during the upload
             try:
-                pos = await self.node.store.import_database(name, tmp)
+                pos = await self.node.store.import_database(name, tmp, progress)
             except DatabaseError as exc:
                 # Name the user's upload, not the node's spool file.
                 message = str(exc).replace(str(tmp), "the uploaded file")
@@ -96,8 +112,7 @@ class DataService:
                 ) from None
         finally:
             await trio.to_thread.run_sync(partial(tmp.unlink, missing_ok=True))
-        log.info("import done %s", kv(db=name, bytes=size, pos=pos, peer=peer))
-        return pb.ImportReply(name=name, txid=pos.txid, checksum=pos.checksum)
+        return pos
 
     # ------------------------------------------------------------- export
 
@@ -116,22 +131,35 @@ class DataService:
                 f"cannot export {name}: node {self._hostname} has no database named {name}",
             )
         tmp = self._tmp_path("export", name)
+        with self.node.store.progress.track(EXPORT, name, 0) as progress:
+            size, pos = await self._export(name, tmp, send, progress)
+        log.info("export done %s", kv(db=name, bytes=size, pos=pos, peer=peer))
+
+    async def _export(
+        self,
+        name: str,
+        tmp: Path,
+        send: trio.MemorySendChannel[pb.ExportChunk],
+        progress: Progress,
+    ) -> tuple[int, Position]:
         try:
             await trio.to_thread.run_sync(_mkdir, tmp.parent)
             try:
-                pos = await self.node.store.export_database(name, tmp)
+                pos = await self.node.store.export_database(name, tmp, progress)
             except DatabaseError as exc:
                 raise RPCRefused(Code.FAILED_PRECONDITION, f"cannot export {name}: {exc}") from None
             size = (await trio.Path(tmp).stat()).st_size
+            progress.next_phase("sending", size)
             async with await trio.open_file(tmp, "rb") as f:
                 start = pb.ExportStart(name=name, txid=pos.txid, checksum=pos.checksum, size=size)
                 await send.send(pb.ExportChunk(start=start))
                 while chunk := await f.read(CHUNK_SIZE):
                     await send.send(pb.ExportChunk(data=chunk))
+                    progress.advance(len(chunk))
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(partial(tmp.unlink, missing_ok=True))
-        log.info("export done %s", kv(db=name, bytes=size, pos=pos, peer=peer))
+        return size, pos
 
 
 async def next_or_none(requests: trio.MemoryReceiveChannel[Any]) -> Any:
@@ -143,9 +171,16 @@ async def next_or_none(requests: trio.MemoryReceiveChannel[Any]) -> Any:
 
 
 async def receive_file(
-    requests: trio.MemoryReceiveChannel[Any], out: Path, *, what: str = "an import"
+    requests: trio.MemoryReceiveChannel[Any],
+    out: Path,
+    *,
+    what: str = "an import",
+    on_data: Callable[[int], None] | None = None,
 ) -> int:
-    """Write every `data` chunk of an upload to `out`; the number of bytes received."""
+    """Write every `data` chunk of an upload to `out`; the number of bytes received.
+
+    `on_data(n)` is called after each chunk (progress).
+    """
     await trio.to_thread.run_sync(_mkdir, out.parent)
     received = 0
     async with await trio.open_file(out, "wb") as f:
@@ -154,6 +189,8 @@ async def receive_file(
                 raise RPCRefused(Code.INVALID_ARGUMENT, f"{what} has exactly one start message")
             await f.write(request.data)
             received += len(request.data)
+            if on_data is not None:
+                on_data(len(request.data))
     return received
 
 

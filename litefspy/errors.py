@@ -31,6 +31,10 @@ class ReadOnlyError(DatabaseError):
     """A write was attempted on a replica (or a database that refuses writes)."""
 
 
+class NotReplicatedError(ReadOnlyError):
+    """A replica that never caught up was asked for a database it has not received."""
+
+
 class ForwardError(DatabaseError):
     """The primary did not accept a transaction forwarded from this replica."""
 

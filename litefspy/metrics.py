@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -52,6 +52,9 @@ FUSE_BUCKETS = (
     2.5,
 )
 
+# Proxied requests: the app's own latency, from a millisecond to long polls.
+PROXY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
 
 @dataclass(frozen=True)
 class DbStats:
@@ -64,6 +67,32 @@ class DbStats:
     ltx_bytes: int
     lag_seconds: float
     replicas: int  # replicas streaming this database (0 on a replica)
+
+
+@dataclass(frozen=True)
+class ReplicaLink:
+    """A replica as the primary sees it (connected now, or seen since start)."""
+
+    hostname: str
+    connected: bool
+
+
+@dataclass(frozen=True)
+class ReplicationStats:
+    """Both sides of replication, counted since the node started."""
+
+    # Primary side (every term as primary added up).
+    files_sent: int = 0
+    snapshots_sent: int = 0
+    bytes_sent: int = 0
+    send_errors: int = 0
+    replicas: Sequence[ReplicaLink] = ()
+    # Replica side.
+    connected_to_primary: bool = False
+    files_applied: int = 0
+    snapshots_applied: int = 0
+    bytes_received: int = 0
+    receive_errors: int = 0
 
 
 class NodeMetricsSource(Protocol):
@@ -81,6 +110,12 @@ class NodeMetricsSource(Protocol):
     def fuse_request_counts(self) -> Mapping[str, int]: ...
 
     def backup_report(self) -> Mapping[str, Any] | None: ...
+
+    def lag_seconds(self) -> float: ...
+
+    def ready(self) -> bool: ...
+
+    def replication(self) -> ReplicationStats: ...
 
 
 class NodeCollector(Collector):
@@ -149,9 +184,72 @@ class NodeCollector(Collector):
         for op, count in sorted(source.fuse_request_counts().items()):
             requests.add_metric([op], float(count))
         yield requests
+        yield GaugeMetricFamily(
+            "litefspy_lag_seconds",
+            "Seconds since this node last heard from the primary (0 on the primary); "
+            "counts from start until a replica first connects.",
+            value=source.lag_seconds(),
+        )
+        yield GaugeMetricFamily(
+            "litefspy_ready",
+            "1 once the node can serve (primary with the lease, or replica caught up once).",
+            value=1.0 if source.ready() else 0.0,
+        )
+        yield from _replication_metrics(source.replication())
         backup = source.backup_report()
         if backup is not None:
             yield from _backup_metrics(backup)
+
+
+def _replication_metrics(r: ReplicationStats) -> Iterable[Metric]:
+    counters = [
+        ("litefspy_replication_files_sent", "LTX files sent to replicas.", r.files_sent),
+        (
+            "litefspy_replication_snapshots_sent",
+            "Snapshots (whole databases) sent to replicas.",
+            r.snapshots_sent,
+        ),
+        ("litefspy_replication_bytes_sent", "LTX bytes sent to replicas.", r.bytes_sent),
+        (
+            "litefspy_replication_files_applied",
+            "LTX files received from the primary and applied.",
+            r.files_applied,
+        ),
+        (
+            "litefspy_replication_snapshots_applied",
+            "Snapshots received from the primary and applied.",
+            r.snapshots_applied,
+        ),
+        (
+            "litefspy_replication_bytes_received",
+            "LTX bytes received from the primary.",
+            r.bytes_received,
+        ),
+    ]
+    for name, doc, value in counters:
+        yield CounterMetricFamily(name, doc, value=float(value))
+    errors = CounterMetricFamily(
+        "litefspy_replication_errors",
+        "Replication failures: side=send (primary: snapshot not built, stream failed), "
+        "side=receive (replica: stream dropped, apply failed).",
+        labels=["side"],
+    )
+    errors.add_metric(["send"], float(r.send_errors))
+    errors.add_metric(["receive"], float(r.receive_errors))
+    yield errors
+    replicas = GaugeMetricFamily(
+        "litefspy_replica_connected",
+        "Primary: 1 while the replica streams from this node, 0 once it went away.",
+        labels=["replica"],
+    )
+    for link in sorted(r.replicas, key=lambda x: x.hostname):
+        replicas.add_metric([link.hostname], 1.0 if link.connected else 0.0)
+    yield replicas
+    yield GaugeMetricFamily(
+        "litefspy_primary_connected",
+        "Replica: 1 while connected to the primary.",
+        value=1.0 if r.connected_to_primary else 0.0,
+    )
 
 
 def _backup_metrics(report: Mapping[str, Any]) -> Iterable[Metric]:
@@ -195,11 +293,25 @@ def _backup_metrics(report: Mapping[str, Any]) -> Iterable[Metric]:
 
 
 class Metrics:
-    """The node's metrics: a private registry, the FUSE latency histogram, `/metrics`."""
+    """The node's metrics: a private registry, the FUSE latency histogram, `/metrics`.
+
+    The registry also holds prometheus-client's process collector
+    (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+    `process_open_fds`, ...) and the proxy's request histogram.
+    """
 
     def __init__(self, source: NodeMetricsSource, *, buckets: Sequence[float] = FUSE_BUCKETS):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(source))
+        ProcessCollector(registry=self.registry)
+        self._proxy_seconds = Histogram(
+            "litefspy_proxy_request_seconds",
+            "Proxy requests by route (read, write, health, passthrough) and outcome "
+            "(ok, replay, forwarded, client-error, error, dropped): count and latency.",
+            ["route", "outcome"],
+            registry=self.registry,
+            buckets=PROXY_BUCKETS,
+        )
         self._fuse_seconds = Histogram(
             "litefspy_fuse_request_seconds",
             "FUSE request latency, by operation.",
@@ -215,6 +327,10 @@ class Metrics:
         if child is None:
             child = self._fuse_children[op] = self._fuse_seconds.labels(op=op)
         child.observe(seconds)
+
+    def observe_proxy(self, route: str, outcome: str, seconds: float) -> None:
+        """Record one proxied request (from its start to the end of the response)."""
+        self._proxy_seconds.labels(route=route, outcome=outcome).observe(seconds)
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition text for an `Accept` header: (body, content type)."""

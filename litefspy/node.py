@@ -51,6 +51,8 @@ from litefspy.lease.base import HandoffToken, Lease, Leaser, LeaseState, Primary
 from litefspy.lease.etcd import EtcdLease, EtcdLeaser
 from litefspy.lease.static import StaticLeaser
 from litefspy.logs import kv
+from litefspy.metrics import ReplicaLink, ReplicationStats
+from litefspy.progress import SNAPSHOT_RECEIVE
 from litefspy.replication import bridge
 from litefspy.replication.bridge import Code, Frame, GRPCServer, RPCRefused
 from litefspy.replication.client import ReplicaIdentity, ReplicationClient
@@ -61,7 +63,12 @@ from litefspy.replication.identity import (
     save_cluster_id,
     save_last_primary,
 )
-from litefspy.replication.server import PrimaryIdentity, ReplicaSession, ReplicationServer
+from litefspy.replication.server import (
+    PrimaryIdentity,
+    ReplicaSession,
+    ReplicationServer,
+    SendTotals,
+)
 from litefspy.replication.status import (
     HANDOFF_METHOD,
     PROMOTE_METHOD,
@@ -139,6 +146,10 @@ class _MountView:
 
     def lag_ms(self) -> int:
         return self._node.lag_ms()
+
+    def not_ready_reason(self) -> str | None:
+        node = self._node
+        return None if node.readiness()[0] else node.not_ready_reason()
 
 
 class Node:
@@ -225,6 +236,10 @@ class Node:
         self._promote_lock = trio.Lock()
         self._role_scope = trio.CancelScope()
         self._role_done = trio.Event()
+        # What every term as primary sent to replicas (metrics).
+        self.send_totals = SendTotals()
+        # Latched by readiness(): this node was primary or caught up once.
+        self._ever_ready = False
 
     # ------------------------------------------------------------ NodeView
 
@@ -271,6 +286,67 @@ class Node:
     def lag_ms(self) -> int:
         """Milliseconds since the last frame from the primary (0 on the primary)."""
         return 0 if self.is_primary() else self.client.lag_ms()
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): can this node serve its databases?
+
+        A primary is ready once it holds the lease (its databases were opened
+        before); a replica once its first catch-up with a primary finished.
+        Once ready, a node stays ready (lag is `proxy.max-lag`'s business).
+        """
+        if self._ever_ready:
+            return True, ""
+        if self.is_primary() or self.client.ready.is_set():
+            self._ever_ready = True
+            return True, ""
+        return False, self._not_ready_reason_with_requests()
+
+    def replication_stats(self) -> ReplicationStats:
+        """Both sides of replication since start (metrics)."""
+        totals, stats = self.send_totals, self.client.stats
+        server = self.server if self.is_primary() else None
+        return ReplicationStats(
+            files_sent=totals.files,
+            snapshots_sent=totals.snapshots,
+            bytes_sent=totals.bytes,
+            send_errors=totals.errors,
+            replicas=[ReplicaLink(s.hostname, True) for s in (server.sessions if server else [])],
+            connected_to_primary=not self.is_primary() and self.client.connected,
+            files_applied=stats.files_applied,
+            snapshots_applied=stats.snapshots_applied,
+            bytes_received=stats.bytes_received,
+            receive_errors=stats.errors,
+        )
+
+    def not_ready_reason(self) -> str:
+        """Why this node is not ready (see readiness); meaningless once it is."""
+        client = self.client
+        if self._role == WAITING:
+            holder = self.primary_hostname()
+            if holder is None:
+                return "waiting for the lease: no primary yet"
+        if not client.connected:
+            url = client.primary_url or self.primary_advertise_url()
+            if not url:
+                return "no primary known yet"
+            why = f"not connected to the primary at {url} yet"
+            error = client.stats.last_error
+            return f"{why} (last error: {error})" if error else why
+        primary = client.primary_hostname() or client.primary_url
+        why = f"catching up with the primary {primary}"
+        work = [
+            f"{p.name} {p.fraction * 100:.0f}%"
+            for p in self.store.progress.reports()
+            if p.kind == SNAPSHOT_RECEIVE
+        ]
+        return f"{why}: receiving {', '.join(work)}" if work else why
+
+    def _not_ready_reason_with_requests(self) -> str:
+        why = self.not_ready_reason()
+        asked = sorted(self.ops.not_replicated)
+        if asked:
+            why += f"; not replicated yet, asked for by applications: {', '.join(asked[:10])}"
+        return why
 
     def backup_report(self) -> dict[str, Any] | None:
         """The backup's state for status and metrics; None when backup.url is unset."""
@@ -688,6 +764,7 @@ class Node:
             PrimaryIdentity(self.store.node_id, self.hostname, self.advertise_url),
             cluster_id=self.cluster_id,
             epoch=lease.epoch,
+            totals=self.send_totals,
         )
         self.server = server
         self.store.promote()
@@ -1134,6 +1211,7 @@ class Node:
             client=self.client,
             expires_in_ms=expires_in,
             holder=holder,
+            ready=self.readiness(),
         )
 
     async def _stream(

@@ -15,6 +15,7 @@ import trio
 from litefspy.config import Config
 from litefspy.errors import LitefspyError
 from litefspy.fuse.ops import Operations
+from litefspy.metrics import ReplicationStats
 from litefspy.replication.bridge import GRPCServer
 from litefspy.store.store import Store
 
@@ -62,6 +63,12 @@ class NodeView(Protocol):
     def on_role_change(self, callback: Callable[[str], None]) -> None:
         """Call `callback(role)` ("primary" | "replica" | "candidate-waiting") on every change."""
 
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): a primary with the lease, or a replica caught up once."""
+
+    def replication_stats(self) -> ReplicationStats:
+        """Replication counters of both sides since start (metrics)."""
+
 
 def register_rpcs(node: NodeView, server: GRPCServer) -> None:
     """Add the services' RPCs to the node's gRPC server (called before it serves).
@@ -99,11 +106,7 @@ async def serve_extras(
     try:
         async with trio.open_nursery() as nursery:
             try:
-                if config.proxy.enabled:
-                    waiters = TxidWaiters(lambda db: local_txid(store, db))
-                    unsubscribe.append(store.subscribe(waiters.notify))
-                    state = NodeProxyState(node, waiters)
-                    await nursery.start(partial(serve_proxy, config.proxy, state))
+                metrics: Metrics | None = None
                 if config.metrics.enabled:
                     source = NodeMetricsSource(node)
                     unsubscribe.append(store.subscribe(source.on_commit))
@@ -111,6 +114,12 @@ async def serve_extras(
                     await nursery.start(partial(metrics.serve, config.metrics.addr))
                     node.ops.enable_timing(metrics.observe_fuse)
                     nursery.start_soon(source.run_recount)
+                if config.proxy.enabled:
+                    waiters = TxidWaiters(lambda db: local_txid(store, db))
+                    unsubscribe.append(store.subscribe(waiters.notify))
+                    state = NodeProxyState(node, waiters)
+                    observe = metrics.observe_proxy if metrics is not None else None
+                    await nursery.start(partial(serve_proxy, config.proxy, state, observe=observe))
             except LitefspyError as exc:
                 # Raised unwrapped (not in an ExceptionGroup) so the node can print it.
                 failed = exc

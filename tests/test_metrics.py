@@ -13,7 +13,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from litefspy.errors import ConfigError
-from litefspy.metrics import DbStats, Metrics
+from litefspy.metrics import DbStats, Metrics, ReplicaLink, ReplicationStats
 from litefspy.proxy import ListenError
 
 
@@ -30,6 +30,9 @@ class FakeSource:
         self.streams = 2
         self.fuse: dict[str, int] = {"read": 10, "write": 4}
         self.fail = False
+        self.lag = 0.0
+        self.is_ready = True
+        self.repl = ReplicationStats()
 
     def databases(self) -> Sequence[DbStats]:
         if self.fail:
@@ -50,6 +53,15 @@ class FakeSource:
 
     def fuse_request_counts(self) -> Mapping[str, int]:
         return self.fuse
+
+    def lag_seconds(self) -> float:
+        return self.lag
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def replication(self) -> ReplicationStats:
+        return self.repl
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -110,6 +122,46 @@ async def test_scrape_reports_the_source() -> None:
     assert s[("litefspy_fuse_request_seconds_bucket", (("le", "0.0025"), ("op", "read")))] == 2
     assert s[("litefspy_fuse_request_seconds_bucket", (("le", "0.25"), ("op", "write")))] == 0
     assert s[("litefspy_fuse_request_seconds_bucket", (("le", "+Inf"), ("op", "write")))] == 1
+
+
+async def test_replication_readiness_proxy_and_process_families() -> None:
+    source = FakeSource()
+    source.dbs = []
+    source.lag, source.is_ready = 3.5, False
+    source.repl = ReplicationStats(
+        files_sent=7,
+        snapshots_sent=1,
+        bytes_sent=9000,
+        send_errors=2,
+        replicas=[ReplicaLink("r1", True), ReplicaLink("r2", False)],
+        bytes_received=5,
+        receive_errors=4,
+    )
+    metrics = Metrics(source)
+    metrics.observe_proxy("read", "ok", 0.003)
+    metrics.observe_proxy("write", "replay", 0.0004)
+    metrics.observe_proxy("write", "replay", 0.02)
+    async with serving(metrics) as client:
+        s = await scrape(client)
+    assert s[("litefspy_lag_seconds", ())] == 3.5  # no databases, still a lag
+    assert s[("litefspy_ready", ())] == 0
+    assert s[("litefspy_replication_files_sent_total", ())] == 7
+    assert s[("litefspy_replication_snapshots_sent_total", ())] == 1
+    assert s[("litefspy_replication_bytes_sent_total", ())] == 9000
+    assert s[("litefspy_replication_bytes_received_total", ())] == 5
+    assert s[("litefspy_replication_errors_total", (("side", "send"),))] == 2
+    assert s[("litefspy_replication_errors_total", (("side", "receive"),))] == 4
+    assert s[("litefspy_replica_connected", (("replica", "r1"),))] == 1
+    assert s[("litefspy_replica_connected", (("replica", "r2"),))] == 0
+    assert s[("litefspy_primary_connected", ())] == 0
+    replay = (("outcome", "replay"), ("route", "write"))
+    assert s[("litefspy_proxy_request_seconds_count", replay)] == 2
+    assert s[("litefspy_proxy_request_seconds_sum", replay)] == pytest.approx(0.0204)
+    ok = (("le", "0.005"), ("outcome", "ok"), ("route", "read"))
+    assert s[("litefspy_proxy_request_seconds_bucket", ok)] == 1
+    # prometheus-client's process collector, on the registry /metrics serves.
+    assert s[("process_resident_memory_bytes", ())] > 0
+    assert s[("process_open_fds", ())] > 0
 
 
 async def test_values_follow_the_source_between_scrapes() -> None:

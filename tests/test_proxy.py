@@ -34,6 +34,7 @@ class FakeState:
         self.hostname = hostname
         self.proxy_url: str | None = None
         self.lag = 0.0
+        self.ready: tuple[bool, str] = (True, "")
         self._txids: dict[str, int] = {}
         self._lock = threading.Lock()
         self.waiters = TxidWaiters(self.txid)
@@ -58,6 +59,9 @@ class FakeState:
 
     def lag_seconds(self) -> float:
         return self.lag
+
+    def readiness(self) -> tuple[bool, str]:
+        return self.ready
 
     def commit(self, db: str = DB) -> int:
         """One more transaction (callable from any thread)."""
@@ -415,6 +419,19 @@ async def test_health(app: App) -> None:
         r = await client.get("/litefs/health")
         assert r.status_code == 503
         assert "12.250s" in r.text and "max-lag 2s" in r.text
+    assert app.hits == []
+
+
+async def test_health_not_ready_comes_first(app: App) -> None:
+    state = FakeState(primary=False)
+    state.ready = (False, "catching up with the primary p1: receiving app.db 40%")
+    async with running_proxy(proxy_config(app.port), state) as client:
+        r = await client.get("/litefs/health")
+        assert r.status_code == 503
+        assert r.text == "not ready: catching up with the primary p1: receiving app.db 40%\n"
+        state.ready = (True, "")
+        r = await client.get("/litefs/health")
+        assert (r.status_code, r.text) == (200, "OK\n")
     assert app.hits == []
 
 

@@ -23,6 +23,7 @@ from litefspy import services
 from litefspy.config import Config
 from litefspy.fuse.mount import serve
 from litefspy.fuse.ops import Operations
+from litefspy.metrics import ReplicationStats
 from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
 from litefspy.store.store import Store
 from tests.mounted import attach_store
@@ -86,6 +87,12 @@ class FakeNode:
 
     def on_role_change(self, callback: Callable[[str], None]) -> None:
         self.role_callbacks.append(callback)
+
+    def readiness(self) -> tuple[bool, str]:
+        return (True, "")
+
+    def replication_stats(self) -> ReplicationStats:
+        return ReplicationStats()
 
     def set_role(self, primary: bool, primary_host: str | None) -> None:
         self.primary = primary

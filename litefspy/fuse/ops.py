@@ -38,7 +38,13 @@ from typing import Any, Protocol
 import pyfuse3
 import trio
 
-from litefspy.errors import DatabaseError, LitefspyError, NotFoundError, ReadOnlyError
+from litefspy.errors import (
+    DatabaseError,
+    LitefspyError,
+    NotFoundError,
+    NotReplicatedError,
+    ReadOnlyError,
+)
 from litefspy.fuse.inodes import (
     InodeTable,
     Local,
@@ -73,6 +79,9 @@ class ClusterView(Protocol):
     def lag_ms(self) -> int:
         """Milliseconds since the last data or heartbeat from the primary (0 on the primary)."""
 
+    def not_ready_reason(self) -> str | None:
+        """Why this node cannot serve yet (a replica that never caught up); None if it can."""
+
 
 class StandaloneCluster:
     """A single node: always primary, never lagging."""
@@ -82,6 +91,13 @@ class StandaloneCluster:
 
     def lag_ms(self) -> int:
         return 0
+
+    def not_ready_reason(self) -> str | None:
+        return None
+
+
+# A "not replicated yet" warning for one database name at most this often.
+NOT_REPLICATED_LOG_INTERVAL = 10.0
 
 
 @dataclass
@@ -149,6 +165,9 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.store = store
         self.cluster: ClusterView = cluster or StandaloneCluster()
+        # Replica not caught up yet: databases applications asked for before they
+        # arrived -> when the next "not replicated yet" warning may be logged.
+        self.not_replicated: dict[str, float] = {}
         self.inodes = InodeTable()
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -541,6 +560,7 @@ class Operations(pyfuse3.Operations):
                 and kind in (FileKind.DATABASE, FileKind.JOURNAL)
                 and not self.is_own_request(ctx)
             ):
+                self._check_replicated(db_name)
                 raise ReadOnlyError(f"cannot create {text}: this node is a replica")
             db = self.store.create(db_name)
             path = db.path(kind)
@@ -556,6 +576,26 @@ class Operations(pyfuse3.Operations):
             return self._file_info(fh, kind), attrs
         except Exception as exc:
             raise _errno(exc, "create", text) from None
+
+    def _check_replicated(self, db_name: str) -> None:
+        """A replica that never caught up refuses to make up a database it lacks.
+
+        SQLite then reports "unable to open database file" (it says that for any
+        failed open); the node's log and `litefspy status` say why.
+        """
+        why = self.cluster.not_ready_reason()
+        if why is None or self.store.get_if_online(db_name) is not None:
+            return
+        now = time.monotonic()
+        if now >= self.not_replicated.get(db_name, 0.0):
+            self.not_replicated[db_name] = now + NOT_REPLICATED_LOG_INTERVAL
+            log.warning(
+                "database not replicated yet: an application opened it on this replica "
+                "before the first catch-up with the primary %s: %s",
+                kv(db=db_name),
+                why,
+            )
+        raise NotReplicatedError(f"database {db_name} is not replicated yet: {why}")
 
     # ------------------------------------------------ files not replicated
 

@@ -121,6 +121,10 @@ class HTTPConnection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
         self.client_ip = _peer_ip(stream)
         self.request: h11.Request | None = None
+        # Status code of the response to the current request (0: none sent yet),
+        # and what the proxy made of it when the status alone does not say (metrics).
+        self.status = 0
+        self.outcome: str | None = None
         # The client sent `Expect: 100-continue` and we have not said 100 yet.
         self._expecting_continue = False
         self._closed = False
@@ -152,6 +156,8 @@ class HTTPConnection:
         and the connection is then unusable.
         """
         self.request = None
+        self.status = 0
+        self.outcome = None
         event: h11.Event | None = None
         try:
             # Idle or too slow (no head within the timeout): just close.
@@ -222,6 +228,7 @@ class HTTPConnection:
     async def start_response(
         self, status: int, headers: Iterable[tuple[bytes, bytes]], reason: bytes = b""
     ) -> None:
+        self.status = status
         await self.send(h11.Response(status_code=status, headers=list(headers), reason=reason))
 
     async def send_data(self, data: bytes) -> None:

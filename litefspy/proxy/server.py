@@ -8,8 +8,10 @@
   after the response>`; on a replica they are answered `200` with
   `fly-replay: instance=<primary hostname>` (the platform's edge replays them on
   the primary), or with `proxy.forward: true` relayed to the primary's proxy.
-* `GET /litefs/health`: 200 `OK` while the replication lag is within
-  `proxy.max-lag`, 503 naming the lag otherwise.
+* `GET /litefs/health`: 503 `not ready: <why>` until the node is ready (a
+  primary with the lease, or a replica that caught up with a primary once);
+  then 200 `OK` while the replication lag is within `proxy.max-lag`, 503
+  naming the lag otherwise.
 * `proxy.passthrough` paths go to the app untouched (no wait, no cookie).
 * Protocol upgrades (WebSocket) are passed to the app; after its 101 the proxy
   pumps bytes both ways.
@@ -27,6 +29,8 @@ httpcore under it also exposes the upgraded connection for WebSockets.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import h11
@@ -100,6 +104,14 @@ class ProxyState(Protocol):
         """Seconds since the last data or heartbeat from the primary (0 on the primary)."""
         ...
 
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): the node holds the lease, or caught up with a primary once."""
+        ...
+
+
+# `observe(route, outcome, seconds)`: one finished request (metrics).
+RequestObserver = Callable[[str, str, float], None]
+
 
 class _Aborted(Exception):
     """The response was already under way when the upstream failed: drop the connection."""
@@ -132,6 +144,7 @@ class Proxy:
         *,
         txid_timeout: float = DEFAULT_TXID_TIMEOUT,
         cookie_max_age: int = TXID_COOKIE_MAX_AGE,
+        observe: RequestObserver | None = None,
     ) -> None:
         if not config.db.strip():
             raise ConfigError("proxy.db is empty: name the database whose TXID the proxy tracks")
@@ -141,6 +154,7 @@ class Proxy:
         self.target = target_url(config.target)
         self.txid_timeout = txid_timeout
         self.cookie_max_age = cookie_max_age
+        self.observe = observe
 
     # ---------------------------------------------------------- connection
 
@@ -150,8 +164,12 @@ class Proxy:
             request = await conn.next_request()
             if request is None:
                 return
+            started = time.perf_counter()
+            route = "unknown"
+            outcome = "dropped"
             try:
-                await self.handle_request(conn, request)
+                route = await self.handle_request(conn, request)
+                outcome = _outcome(conn)
             except (ClientGone, _Aborted) as exc:
                 log.debug("proxy connection dropped %s", kv(client=conn.client_ip, reason=exc))
                 return
@@ -164,11 +182,16 @@ class Proxy:
                     await conn.respond(
                         500, b"proxy error: internal error (see the node's log)\n", close=True
                     )
+                outcome = "error"
                 return
+            finally:
+                if self.observe is not None:
+                    self.observe(route, outcome, time.perf_counter() - started)
             if not await conn.finish_cycle():
                 return
 
-    async def handle_request(self, conn: HTTPConnection, request: h11.Request) -> None:
+    async def handle_request(self, conn: HTTPConnection, request: h11.Request) -> str:
+        """Serve one request; the route it took (metrics label)."""
         path = request_path(request.target)
         route = classify(
             request.method,
@@ -188,10 +211,15 @@ class Proxy:
             await self.read(conn, request)
         else:
             await self.write(conn, request)
+        return str(route.value)
 
     # -------------------------------------------------------------- routes
 
     async def health(self, conn: HTTPConnection) -> None:
+        ready, why = self.state.readiness()
+        if not ready:
+            await conn.respond(503, f"not ready: {why}\n".encode())
+            return
         lag = self.state.lag_seconds()
         max_lag = self.config.max_lag
         if lag > max_lag:
@@ -245,8 +273,10 @@ class Proxy:
                 body = f"proxy error: no primary ({self.state.no_primary_reason()}); retry\n"
                 await conn.respond(503, body.encode())
                 return
+            conn.outcome = "forwarded"
             await self.relay(conn, httpx.URL(url), where="the primary's proxy", forwarded=True)
             return
+        conn.outcome = "replay"
         await conn.respond(200, headers=[(b"fly-replay", f"instance={host}".encode())])
 
     # ------------------------------------------------------------ relaying
@@ -329,6 +359,18 @@ class Proxy:
         await _pump(conn.stream, upstream, pending)
 
 
+def _outcome(conn: HTTPConnection) -> str:
+    """How a request ended, for metrics: ok, replay, forwarded, client-error, error."""
+    status = conn.status
+    if status >= 500:
+        return "error"
+    if conn.outcome is not None:
+        return conn.outcome
+    if status >= 400:
+        return "client-error"
+    return "ok" if status else "dropped"
+
+
 async def _read_all(conn: HTTPConnection, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
@@ -377,6 +419,7 @@ async def serve_proxy(
     txid_timeout: float = DEFAULT_TXID_TIMEOUT,
     cookie_max_age: int = TXID_COOKIE_MAX_AGE,
     transport: httpx.AsyncBaseTransport | None = None,
+    observe: RequestObserver | None = None,
 ) -> None:
     """Serve the proxy on `config.addr` until cancelled.
 
@@ -396,6 +439,7 @@ async def serve_proxy(
             upstream,
             txid_timeout=txid_timeout,
             cookie_max_age=cookie_max_age,
+            observe=observe,
         )
         log.debug(
             "proxy config %s",

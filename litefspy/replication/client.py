@@ -38,6 +38,7 @@ import trio
 
 from litefspy.errors import LitefspyError, ReplicationError
 from litefspy.logs import kv
+from litefspy.progress import SNAPSHOT_RECEIVE, Progress
 from litefspy.replication import bridge
 from litefspy.replication.bridge import FrameStream
 from litefspy.replication.identity import (
@@ -83,7 +84,10 @@ class ClientStats:
     connected_ms: int = 0  # Unix ms of the last successful connect
     applied_by_db: dict[str, int] = field(default_factory=dict)
 
+    errors: int = 0  # streams that ended in an error, and failed applies
+
     def record_error(self, message: str) -> None:
+        self.errors += 1
         self.last_error = message
         self.last_error_ms = int(time.time() * 1000)
 
@@ -109,6 +113,8 @@ class _Incoming:
         self.diverged = diverged
         self.written = 0
         self.file: BinaryIO | None = None
+        # Snapshots (whole databases) show their progress in status and the logs.
+        self.progress: Progress | None = None
 
     def write(self, data: bytes, last: bool) -> None:
         """Worker thread: append a chunk; close the file after the last one."""
@@ -280,6 +286,8 @@ class ReplicationClient:
             finally:
                 incoming, self._incoming = self._incoming, None
                 if incoming is not None:
+                    if incoming.progress is not None:
+                        self.store.progress.stop(incoming.progress)
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(incoming.discard)
 
@@ -378,6 +386,10 @@ class ReplicationClient:
                 snapshot=chunk.snapshot,
                 diverged=chunk.snapshot and chunk.diverged,
             )
+            if chunk.snapshot:
+                incoming.progress = self.store.progress.start(
+                    SNAPSHOT_RECEIVE, name, chunk.size, detail="receiving"
+                )
             self._incoming = incoming
         elif incoming is None or incoming.name != name:
             raise ReplicationError(f"protocol error: LTX chunk for {name} without its first chunk")
@@ -387,6 +399,8 @@ class ReplicationClient:
         else:
             await trio.to_thread.run_sync(incoming.write, chunk.data, chunk.last)
         self.stats.bytes_received += len(chunk.data)
+        if incoming.progress is not None:
+            incoming.progress.advance(len(chunk.data))
         if incoming.written > incoming.size:
             raise ReplicationError(
                 f"protocol error: LTX file for {name} is longer than announced "
@@ -405,6 +419,8 @@ class ReplicationClient:
     async def _apply(self, incoming: _Incoming) -> None:
         name = incoming.name
         started = time.perf_counter()
+        if incoming.progress is not None:
+            incoming.progress.set_detail("applying")
         try:
             pos = await self.store.apply_ltx(name, incoming.path, set_aside=incoming.diverged)
         except LitefspyError as exc:
@@ -418,6 +434,9 @@ class ReplicationClient:
             )
             raise ReplicationError(f"apply failed for {name}: {exc}") from exc
         finally:
+            if incoming.progress is not None:
+                incoming.progress.finished()
+                self.store.progress.stop(incoming.progress)
             # apply_ltx moved the file into ltx/ on success; on failure it may be left.
             await trio.to_thread.run_sync(partial(incoming.path.unlink, missing_ok=True))
         self._needs_snapshot.discard(name)

@@ -35,6 +35,7 @@ import trio
 
 from litefspy.errors import DatabaseError, LTXError, NotFoundError
 from litefspy.logs import kv
+from litefspy.progress import SNAPSHOT_SEND, Progress
 from litefspy.replication.bridge import Code, Frame, RPCRefused
 from litefspy.replication.ltxfile import CHUNK_SIZE, OpenLTX, open_ltx
 from litefspy.store.database import CommitInfo, Database, Position
@@ -61,6 +62,18 @@ class PrimaryIdentity:
     node_id: int
     hostname: str
     advertise_url: str
+
+
+@dataclass
+class SendTotals:
+    """What this node sent to replicas since it started, over every session and
+    every term as primary (metrics counters must never go back)."""
+
+    files: int = 0
+    snapshots: int = 0
+    bytes: int = 0
+    # Snapshots that could not be built, and streams that ended in an error.
+    errors: int = 0
 
 
 @dataclass
@@ -111,8 +124,10 @@ class ReplicationServer:
         epoch: int,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         chunk_size: int = CHUNK_SIZE,
+        totals: SendTotals | None = None,
     ) -> None:
         self.store = store
+        self.totals = totals if totals is not None else SendTotals()
         self.identity = identity
         self.cluster_id = cluster_id
         self.epoch = epoch
@@ -225,6 +240,9 @@ class ReplicationServer:
                     nursery.start_soon(self._heartbeats, send)
                     await self._follow(session, send)
                     nursery.cancel_scope.cancel()
+        except Exception:
+            self.totals.errors += 1
+            raise
         finally:
             self.sessions.remove(session)
             if not self.sessions:
@@ -386,20 +404,27 @@ class ReplicationServer:
                 reason="replica history differs" if diverged else "no usable position",
             ),
         )
-        try:
-            path = await self.store.snapshot(name)
-        except (NotFoundError, DatabaseError) as exc:
-            # Deleted or changed under us, or offline: look again in a while.
-            level = logging.DEBUG if name in session.failing else logging.WARNING
-            log.log(level, "snapshot failed, will retry %s: %s", kv(db=name), exc)
-            session.failing.add(name)
-            return False
-        session.failing.discard(name)
-        try:
-            opened = await trio.to_thread.run_sync(open_ltx, path, self.chunk_size)
-        finally:
-            path.unlink(missing_ok=True)
-        await self._send_open(session, name, opened, send, snapshot=True, diverged=diverged)
+        board = self.store.progress
+        with board.track(SNAPSHOT_SEND, name, 0, detail=f"to {session.hostname}") as progress:
+            try:
+                path = await self.store.snapshot(name, progress)
+            except (NotFoundError, DatabaseError) as exc:
+                # Deleted or changed under us, or offline: look again in a while.
+                level = logging.DEBUG if name in session.failing else logging.WARNING
+                log.log(level, "snapshot failed, will retry %s: %s", kv(db=name), exc)
+                if name not in session.failing:
+                    self.totals.errors += 1
+                session.failing.add(name)
+                return False
+            session.failing.discard(name)
+            try:
+                opened = await trio.to_thread.run_sync(open_ltx, path, self.chunk_size)
+            finally:
+                path.unlink(missing_ok=True)
+            progress.next_phase(f"sending to {session.hostname}", opened.size)
+            await self._send_open(
+                session, name, opened, send, snapshot=True, diverged=diverged, progress=progress
+            )
         return True
 
     async def _send_open(
@@ -411,6 +436,7 @@ class ReplicationServer:
         *,
         snapshot: bool,
         diverged: bool = False,
+        progress: Progress | None = None,
     ) -> None:
         """Send one opened LTX file as chunks, then record the replica's new position."""
         try:
@@ -429,6 +455,8 @@ class ReplicationServer:
                     diverged=diverged and first,
                 )
                 await send.send(Frame(ltx=chunk))
+                if progress is not None:
+                    progress.advance(len(data))
                 if last:
                     break
                 first = False
@@ -442,10 +470,13 @@ class ReplicationServer:
         session.positions[name] = Position(header.max_txid, trailer.post_apply_checksum)
         session.files_sent += 1
         session.bytes_sent += opened.size
+        self.totals.files += 1
+        self.totals.bytes += opened.size
         session.progress.set()
         session.progress = trio.Event()
         if snapshot:
             session.snapshots_sent += 1
+            self.totals.snapshots += 1
         log.debug(
             "sent %s",
             kv(

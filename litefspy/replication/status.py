@@ -59,6 +59,8 @@ class RoleSnapshot:
     client: ReplicationClient | None = None
     expires_in_ms: int | None = None
     holder: str | None = None
+    # (ready, why not): see Node.readiness.
+    ready: tuple[bool, str] = (True, "")
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,21 @@ class StatusService:
             lease=pb.LeaseStatus(type=self.node.lease_type, epoch=snap.epoch),
             cluster_id=snap.cluster_id,
             candidate=snap.candidate,
+            ready=snap.ready[0],
+            not_ready_reason=snap.ready[1],
         )
+        for work in self.store.progress.reports():
+            reply.progress.append(
+                pb.ProgressStatus(
+                    kind=work.kind,
+                    name=work.name,
+                    done_bytes=work.done_bytes,
+                    total_bytes=work.total_bytes,
+                    rate_bytes_per_second=work.rate_bytes_per_s,
+                    elapsed_ms=int(work.elapsed_s * 1000),
+                    phase=work.detail,
+                )
+            )
         if snap.expires_in_ms is not None:
             reply.lease.expires_in_ms = snap.expires_in_ms
         if snap.holder is not None:
@@ -181,6 +197,7 @@ class StatusService:
                     files_sent=s.files_sent,
                     snapshots_sent=s.snapshots_sent,
                     bytes_sent=s.bytes_sent,
+                    ready=s.ready,
                 )
                 for name in sorted(s.positions):
                     if name not in known:
@@ -287,6 +304,23 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
         },
         "cluster_id": reply.cluster_id or None,
         "candidate": reply.candidate,
+        "ready": reply.ready,
+        "not_ready_reason": reply.not_ready_reason or None,
+        "progress": [
+            {
+                "kind": p.kind,
+                "name": p.name,
+                "done_bytes": p.done_bytes,
+                "total_bytes": p.total_bytes,
+                "percent": (
+                    round(100.0 * p.done_bytes / p.total_bytes, 1) if p.total_bytes else None
+                ),
+                "rate_bytes_per_second": round(p.rate_bytes_per_second),
+                "elapsed_ms": p.elapsed_ms,
+                "phase": p.phase or None,
+            }
+            for p in reply.progress
+        ],
         "databases": [
             {
                 "name": d.name,
@@ -309,6 +343,7 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
                 "files_sent": r.files_sent,
                 "snapshots_sent": r.snapshots_sent,
                 "bytes_sent": r.bytes_sent,
+                "ready": r.ready,
                 "databases": [{"name": d.name, "txid": f"{d.txid:016x}"} for d in r.databases],
             }
             for r in reply.replicas

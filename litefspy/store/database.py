@@ -53,6 +53,7 @@ from litefspy.ltx.format import (
     lock_pgno,
     parse_filename,
 )
+from litefspy.progress import STARTUP_CHECK, Progress, ProgressBoard
 from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
 from litefspy.sqlite.header import parse_database_header
 from litefspy.sqlite.journal import (
@@ -63,6 +64,7 @@ from litefspy.sqlite.journal import (
     rollback_journal,
 )
 from litefspy.sqlite.wal import WAL_HEADER_SIZE, WALReader, parse_wal_header
+from litefspy.store import cleanstop
 from litefspy.store.waltrack import WALCommit, WALTracker
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,8 @@ class Database:
         # While a worker thread runs a file operation that may capture a commit
         # (write forwarding), its commit notices wait here for the trio thread.
         self._held_notices: list[CommitInfo] | None = None
+        # Where long work (the startup check) shows its progress (set by the store).
+        self.progress: ProgressBoard | None = None
 
     # ----------------------------------------------------------------- paths
 
@@ -765,30 +769,43 @@ class Database:
         except (OSError, SQLiteFormatError):
             self._is_wal_db = False
 
-    def import_file(self, src: Path, page_size: int, commit: int) -> Path:
+    def import_file(
+        self, src: Path, page_size: int, commit: int, progress: Progress | None = None
+    ) -> Path:
         """Replace the database with `src` as one new TXID (worker thread, locks held).
 
         The LTX file is written first, then the database file, so recovery after a
-        crash in between re-applies the import.
+        crash in between re-applies the import. `progress` follows each of the
+        three passes over the file.
         """
+        size = page_size * commit
+        if progress is not None:
+            progress.next_phase("checksumming", size)
         with open(src, "rb") as f:
-            checksums = PageChecksums.from_file(f, page_size, commit)
+            checksums = PageChecksums.from_file(
+                f, page_size, commit, on_progress=progress.advance if progress else None
+            )
         src_fd = os.open(src, os.O_RDONLY)
         self.begin_apply()
         try:
+            if progress is not None:
+                progress.next_phase("writing the LTX file", size)
             ltx = self._write_ltx(
                 page_size,
                 commit,
-                self._all_pages(src_fd, page_size, commit),
+                _counted(self._all_pages(src_fd, page_size, commit), page_size, progress),
                 checksums,
                 full=True,
                 notify=False,
             )
             assert ltx is not None
             self.close()
+            if progress is not None:
+                progress.next_phase("writing the database", size)
             fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                for pgno, data in self._all_pages(src_fd, page_size, commit):
+                pages = _counted(self._all_pages(src_fd, page_size, commit), page_size, progress)
+                for pgno, data in pages:
                     os.pwrite(fd, data, (pgno - 1) * page_size)
                 os.ftruncate(fd, commit * page_size)
                 os.fsync(fd)
@@ -882,12 +899,17 @@ class Database:
         """Bring the directory to a consistent state at startup (DESIGN.md decision 6)."""
         self.ensure_dirs()
         self._promote_synced_tmp_files()
-        files, dropped = self._drop_torn_tail(self.ltx_files())
+        saved = cleanstop.take(self.dir)
+        files, dropped = self._drop_torn_tail(self.ltx_files(), saved)
         newest = files[-1][2] if files else None
         header = trailer = None
         if newest is not None:
             try:
-                header, trailer = verify_file(newest)
+                if saved is not None and saved.ltx_unchanged(newest):
+                    # Verified when written and fsynced before the clean stop.
+                    header, trailer = cleanstop.read_ends(newest)
+                else:
+                    header, trailer = verify_file(newest)
             except LTXError as exc:
                 raise RecoveryError(
                     f"database {self.name}: newest LTX file {newest} is invalid ({exc}); "
@@ -933,7 +955,10 @@ class Database:
             return
         assert newest is not None
         expected = trailer.post_apply_checksum
-        if self._roll_forward(files, header.page_size, expected):
+        quiet = not (rolled_back or dropped or wal_beyond or self.apply_marker.exists())
+        if (quiet and self._trust_clean_stop(saved, header, expected)) or self._roll_forward(
+            files, header.page_size, expected
+        ):
             outcome = "history"
         elif self.apply_marker.exists():
             # litefspy itself was writing this file's pages (replica apply, import,
@@ -971,12 +996,53 @@ class Database:
             return read_super_journal_name(f) is not None
 
     def write_clean_record(self) -> None:
-        """At a clean stop: the position the files are at (startup compares it)."""
+        """At a clean stop: the position the files are at (startup compares it), and
+        the page checksums when the database file is exactly at that position
+        (the next start then skips re-reading it: see store/cleanstop.py)."""
         if self.pos.txid == 0:
             return
         tmp = self.dir / (CLEAN_RECORD + ".tmp")
         tmp.write_text(f"{self.pos.txid:016x}/{self.pos.checksum:016x}\n")
         os.rename(tmp, self.dir / CLEAN_RECORD)
+        checksums = self.checksums
+        if checksums is None or checksums.total != self.pos.checksum or not self._file_is_state():
+            return
+        files = self.ltx_files()
+        if files and files[-1][1] == self.pos.txid:
+            cleanstop.save(self.dir, self.pos.txid, checksums, self.db_path, files[-1][2])
+
+    def _file_is_state(self) -> bool:
+        """The database file alone holds the committed state: no transaction under
+        way, no journal, no WAL frames (WAL commits live in the WAL until a
+        checkpoint), no litefspy apply in progress."""
+        if self._journal_active or self._dirty or self.apply_marker.exists():
+            return False
+        if self.path(FileKind.JOURNAL).exists():
+            return False
+        wal = cleanstop.FileStamp.of(self.path(FileKind.WAL))
+        return wal is None or wal.size <= WAL_HEADER_SIZE
+
+    def _trust_clean_stop(
+        self, saved: cleanstop.CleanSums | None, newest: Header, expected: int
+    ) -> bool:
+        """Adopt the page checksums saved at the clean stop if the files are untouched."""
+        if saved is None or saved.txid != newest.max_txid or saved.checksum != expected:
+            return False
+        sums = saved.checksums
+        stamp = cleanstop.FileStamp.of(self.db_path)
+        if (
+            stamp != saved.database
+            or sums.page_size != newest.page_size
+            or sums.page_count != newest.commit
+            or stamp.size != sums.page_count * sums.page_size
+        ):
+            log.info(
+                "database changed since the clean stop; checking it in full %s", kv(db=self.name)
+            )
+            return False
+        self.checksums = sums
+        log.debug("startup check skipped: untouched since a clean stop %s", kv(db=self.name))
+        return True
 
     def _take_clean_record(self) -> Position | None:
         """The position written at the last clean stop (consumed: a crash leaves none)."""
@@ -1090,7 +1156,7 @@ class Database:
         size = os.fstat(fd).st_size
         if size % page_size:
             return False
-        checksums = self._checksums_of(fd, page_size, size // page_size)
+        checksums = self._checksums_with_progress(fd, page_size, size // page_size)
         if checksums.total == expected:
             self.checksums = checksums
             return True
@@ -1138,7 +1204,7 @@ class Database:
         fsync_dir(self.ltx_dir)
 
     def _drop_torn_tail(
-        self, files: list[tuple[int, int, Path]]
+        self, files: list[tuple[int, int, Path]], saved: cleanstop.CleanSums | None = None
     ) -> tuple[list[tuple[int, int, Path]], list[tuple[int, int]]]:
         """Remove newest LTX files that a crash cut short; return the rest and what went.
 
@@ -1151,6 +1217,8 @@ class Database:
         dropped: list[tuple[int, int]] = []
         while files:
             lo, hi, path = files[-1]
+            if saved is not None and saved.ltx_unchanged(path):
+                break  # complete at the clean stop, untouched since
             try:
                 verify_file(path)
                 break
@@ -1262,6 +1330,17 @@ class Database:
             if pgno != lock:
                 yield pgno, os.pread(fd, page_size, (pgno - 1) * page_size).ljust(page_size, b"\0")
 
+    def _checksums_with_progress(self, fd: int, page_size: int, commit: int) -> PageChecksums:
+        """The startup check's full read, shown as progress (logs and status)."""
+        board = self.progress
+        if board is None:
+            return self._checksums_of(fd, page_size, commit)
+        with (
+            board.track(STARTUP_CHECK, self.name, commit * page_size) as progress,
+            os.fdopen(os.dup(fd), "rb") as f,
+        ):
+            return PageChecksums.from_file(f, page_size, commit, on_progress=progress.advance)
+
     @staticmethod
     def _checksums_of(fd: int, page_size: int, commit: int) -> PageChecksums:
         with os.fdopen(os.dup(fd), "rb") as f:
@@ -1294,6 +1373,19 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 APPLY_MARKER = ".applying"
 CLEAN_RECORD = "clean"
+
+
+def _counted(
+    pages: Iterator[tuple[int, bytes]], page_size: int, progress: Progress | None
+) -> Iterator[tuple[int, bytes]]:
+    """`pages`, advancing `progress` by each page."""
+    if progress is None:
+        yield from pages
+        return
+    advance = progress.advance
+    for page in pages:
+        yield page
+        advance(page_size)
 
 
 def _txid_ranges(ranges: list[tuple[int, int]]) -> str:
@@ -1442,10 +1534,13 @@ def _read_pages(
             os.close(wal_fd)
 
 
-def write_snapshot(db: Database, state: CommittedState, out: Path) -> Path:
+def write_snapshot(
+    db: Database, state: CommittedState, out: Path, progress: Progress | None = None
+) -> Path:
     """Encode the captured committed state as an LTX snapshot and verify its checksum.
 
-    Runs in a worker thread while the caller holds SQLite read locks.
+    Runs in a worker thread while the caller holds SQLite read locks; `progress`
+    advances by each page read.
     """
     checksums = PageChecksums(state.page_size)
     checksums.truncate(state.commit)
@@ -1465,9 +1560,12 @@ def write_snapshot(db: Database, state: CommittedState, out: Path) -> Path:
     )
     with open(out, "wb") as f:
         enc = Encoder(f, header)
+        advance = progress.advance if progress is not None else None
         for pgno, data in _read_pages(db.db_path, db.path(FileKind.WAL), state):
             checksums.set(pgno, page_checksum(pgno, data))
             enc.write_page(pgno, data)
+            if advance is not None:
+                advance(state.page_size)
         if checksums.total != state.pos.checksum:
             f.close()
             out.unlink(missing_ok=True)

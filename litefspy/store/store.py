@@ -32,6 +32,7 @@ from litefspy.ltx.apply import apply_files
 from litefspy.ltx.checksum import PageChecksums, page_checksum
 from litefspy.ltx.decoder import Decoder, read_verified, verify_file
 from litefspy.ltx.format import Header, Trailer, lock_pgno
+from litefspy.progress import Progress, ProgressBoard
 from litefspy.sqlite.header import parse_database_header
 from litefspy.sqlite.journal import (
     JOURNAL_HEADER_SIZE,
@@ -228,6 +229,8 @@ class Store:
         # Per database: held by a forwarded commit's capture (write forwarding, in a
         # worker thread) and by a replica apply, so the two never interleave.
         self._capture_locks: dict[str, trio.Lock] = {}
+        # Long work in progress (startup check, import, export, snapshots): status shows it.
+        self.progress = ProgressBoard()
 
     def capture_lock(self, name: str) -> trio.Lock:
         """The lock that keeps a forwarded capture and a replica apply of `name` apart."""
@@ -358,6 +361,7 @@ class Store:
             super_journal_exists=self.super_journal_exists,
         )
         db.writable = self.writable
+        db.progress = self.progress
         return db
 
     def _notify(self, info: CommitInfo) -> None:
@@ -475,19 +479,22 @@ class Store:
             raise NotFoundError(f"no database named {name}")
         return db
 
-    async def snapshot(self, name: str) -> Path:
+    async def snapshot(self, name: str, progress: Progress | None = None) -> Path:
         """A verified LTX snapshot of the committed state; the caller deletes the file.
 
         Taken under SQLite read locks (through the mount) so that no commit or
         checkpoint changes the files while they are read; the commits that happen
         meanwhile in WAL mode only append frames the snapshot does not read.
+        `progress` (if given) counts the database's bytes as they are read.
         """
         db = self._require(name)
         held = await self._lock(name, db.is_wal_mode(), exclusive=False)
         try:
             state = db.committed_state()
             out = self.incoming_path(name)
-            return await trio.to_thread.run_sync(write_snapshot, db, state, out)
+            if progress is not None:
+                progress.next_phase("building snapshot", state.commit * state.page_size)
+            return await trio.to_thread.run_sync(write_snapshot, db, state, out, progress)
         finally:
             await trio.to_thread.run_sync(held.release)
 
@@ -1001,7 +1008,9 @@ class Store:
 
     # ------------------------------------------------------- import / export
 
-    async def import_database(self, name: str, src: Path) -> Position:
+    async def import_database(
+        self, name: str, src: Path, progress: Progress | None = None
+    ) -> Position:
         """Primary: replace (or create) database `name` with the SQLite file `src`.
 
         The file is validated first (header, `PRAGMA integrity_check`); then, with
@@ -1012,18 +1021,22 @@ class Store:
         """
         if not self.writable:
             raise ReadOnlyError(f"cannot import {name}: this node is a replica")
+        if progress is not None:
+            progress.set_detail("integrity check")
         page_size, commit = await trio.to_thread.run_sync(validate_sqlite_file, src)
         db = self.get(name) or self.create(name)
         wal = db.is_wal_mode()
         # A new database has no SQLite user to lock out (and the mount may be
         # holding lookups of its name until the import is done).
+        if progress is not None:
+            progress.set_detail("waiting for SQLite locks")
         held = (
             await self._lock(name, wal, exclusive=True, writers=True)
             if db.exists()
             else HeldLocks()
         )
         try:
-            ltx = await trio.to_thread.run_sync(db.import_file, src, page_size, commit)
+            ltx = await trio.to_thread.run_sync(db.import_file, src, page_size, commit, progress)
             await trio.to_thread.run_sync(self._after_apply, name, wal)
         finally:
             await trio.to_thread.run_sync(held.release)
@@ -1031,10 +1044,14 @@ class Store:
         self._notify(db.commit_info(ltx))
         return db.pos
 
-    async def export_database(self, name: str, out: Path) -> Position:
+    async def export_database(
+        self, name: str, out: Path, progress: Progress | None = None
+    ) -> Position:
         """Write a consistent copy of `name` (its committed state) to `out`."""
         db = self._require(name)
-        snap = await self.snapshot(name)
+        snap = await self.snapshot(name, progress)
+        if progress is not None:
+            progress.set_detail("writing the copy")
         try:
             tmp = out.with_name(out.name + ".tmp")
             tmp.unlink(missing_ok=True)

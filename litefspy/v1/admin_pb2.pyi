@@ -184,11 +184,14 @@ class ReplicaStatus(_message.Message):
     FILES_SENT_FIELD_NUMBER: _builtins.int
     SNAPSHOTS_SENT_FIELD_NUMBER: _builtins.int
     BYTES_SENT_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
     connected_at_ms: _builtins.int
     """Unix ms when the replica's stream started."""
     files_sent: _builtins.int
     snapshots_sent: _builtins.int
     bytes_sent: _builtins.int
+    ready: _builtins.bool
+    """The replica received everything once since it connected (Ready sent)."""
     @_builtins.property
     def node(self) -> Global___NodeInfo: ...
     @_builtins.property
@@ -202,10 +205,11 @@ class ReplicaStatus(_message.Message):
         files_sent: _builtins.int = ...,
         snapshots_sent: _builtins.int = ...,
         bytes_sent: _builtins.int = ...,
+        ready: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_sent", b"bytes_sent", "connected_at_ms", b"connected_at_ms", "databases", b"databases", "files_sent", b"files_sent", "node", b"node", "snapshots_sent", b"snapshots_sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_sent", b"bytes_sent", "connected_at_ms", b"connected_at_ms", "databases", b"databases", "files_sent", b"files_sent", "node", b"node", "ready", b"ready", "snapshots_sent", b"snapshots_sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -275,11 +279,21 @@ class StatusReply(_message.Message):
     REPLICATION_FIELD_NUMBER: _builtins.int
     CANDIDATE_FIELD_NUMBER: _builtins.int
     BACKUP_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    NOT_READY_REASON_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"primary", "replica" or "candidate-waiting"."""
     cluster_id: _builtins.str
     candidate: _builtins.bool
     """lease.candidate: this node may become primary."""
+    ready: _builtins.bool
+    """The node can serve: a primary once it holds the lease with its databases
+    open; a replica once its first catch-up with a primary has finished
+    (never cleared afterwards: lag is proxy.max-lag's business).
+    """
+    not_ready_reason: _builtins.str
+    """Why the node is not ready yet ("" when ready)."""
     @_builtins.property
     def node(self) -> Global___NodeInfo: ...
     @_builtins.property
@@ -304,6 +318,10 @@ class StatusReply(_message.Message):
     def backup(self) -> Global___BackupStatus:
         """Set when backup.url is configured."""
 
+    @_builtins.property
+    def progress(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProgressStatus]:
+        """Long work under way: import, export, snapshots, startup check."""
+
     def __init__(
         self,
         *,
@@ -317,14 +335,60 @@ class StatusReply(_message.Message):
         replication: Global___ReplicationStatus | None = ...,
         candidate: _builtins.bool = ...,
         backup: Global___BackupStatus | None = ...,
+        ready: _builtins.bool = ...,
+        not_ready_reason: _builtins.str = ...,
+        progress: _abc.Iterable[Global___ProgressStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "lease", b"lease", "node", b"node", "primary", b"primary", "replication", b"replication"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "candidate", b"candidate", "cluster_id", b"cluster_id", "databases", b"databases", "lease", b"lease", "node", b"node", "primary", b"primary", "replicas", b"replicas", "replication", b"replication", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "candidate", b"candidate", "cluster_id", b"cluster_id", "databases", b"databases", "lease", b"lease", "node", b"node", "not_ready_reason", b"not_ready_reason", "primary", b"primary", "progress", b"progress", "ready", b"ready", "replicas", b"replicas", "replication", b"replication", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class ProgressStatus(_message.Message):
+    """One piece of long work in progress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DONE_BYTES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    RATE_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ELAPSED_MS_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"import", "export", "snapshot-send", "snapshot-receive" or "startup-check"."""
+    name: _builtins.str
+    """The database."""
+    done_bytes: _builtins.int
+    total_bytes: _builtins.int
+    """0 when unknown."""
+    rate_bytes_per_second: _builtins.float
+    elapsed_ms: _builtins.int
+    phase: _builtins.str
+    """What the work is doing now ("" when it has one phase only)."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        done_bytes: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        rate_bytes_per_second: _builtins.float = ...,
+        elapsed_ms: _builtins.int = ...,
+        phase: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done_bytes", b"done_bytes", "elapsed_ms", b"elapsed_ms", "kind", b"kind", "name", b"name", "phase", b"phase", "rate_bytes_per_second", b"rate_bytes_per_second", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProgressStatus: _TypeAlias = ProgressStatus  # noqa: Y015
 
 @_typing.final
 class BackupDatabaseStatus(_message.Message):
