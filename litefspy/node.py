@@ -240,6 +240,8 @@ class Node:
         self.send_totals = SendTotals()
         # Latched by readiness(): this node was primary or caught up once.
         self._ever_ready = False
+        # Set while the node checks its databases at startup (status says so).
+        self._starting: str | None = None
 
     # ------------------------------------------------------------ NodeView
 
@@ -320,6 +322,8 @@ class Node:
 
     def not_ready_reason(self) -> str:
         """Why this node is not ready (see readiness); meaningless once it is."""
+        if self._starting is not None:
+            return f"starting: {self._starting}"
         client = self.client
         if self._role == WAITING:
             holder = self.primary_hostname()
@@ -414,24 +418,28 @@ class Node:
         """Serve until SIGINT/SIGTERM (or until `command` exits); return the exit code."""
         if self.backup is not None and self.config.backup.restore_if_empty:
             await self._restore_if_empty(self.backup)
-        self.store.open()
-        # Only the primary writes: a static candidate is it by configuration (writable
-        # from the first access); any other node waits for the lease.
-        self.store.set_writable(self.config.lease.type == "static" and self.candidate)
-        self.leaser = self._build_leaser()
         mountpoint = Path(self.config.fuse.dir)
         exit_code = 0
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    # gRPC first: once applications can see the mount, `litefspy
-                    # status` and the other nodes can reach this one. Until the
-                    # mount exists no application can hold a SQLite lock, so the
-                    # RPCs that take locks through it need none.
+                    # gRPC first: while the databases are checked (a crash makes
+                    # that a full read), `litefspy status` shows the progress and
+                    # every other RPC answers UNAVAILABLE "node is starting". Until
+                    # the mount exists no application can hold a SQLite lock, so
+                    # the RPCs that take locks through it need none.
                     grpc_server = self._grpc_server()
                     services.register_rpcs(self, grpc_server)
+                    self._starting = grpc_server.starting = "checking its databases"
                     await nursery.start(grpc_server.serve)
+                    await trio.to_thread.run_sync(self.store.open)
+                    # Only the primary writes: a static candidate is it by
+                    # configuration (writable from the first access); any other
+                    # node waits for the lease.
+                    self.store.set_writable(self.config.lease.type == "static" and self.candidate)
+                    self.leaser = self._build_leaser()
+                    self._starting = grpc_server.starting = None
                     await nursery.start(
                         lambda task_status: serve(
                             self.ops,

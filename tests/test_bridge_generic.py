@@ -86,3 +86,47 @@ async def test_generic_rpcs_round_trip() -> None:
 
         assert await trio.to_thread.run_sync(upload) == 5050
         nursery.cancel_scope.cancel()
+
+
+async def test_while_starting_only_status_answers() -> None:
+    """A node checking its databases at startup answers Status; every other RPC is
+    UNAVAILABLE with the reason until it is done."""
+    from litefspy.replication.bridge import fetch_status
+    from litefspy.v1.admin_pb2 import StatusReply
+
+    port = free_port()
+
+    async def status() -> StatusReply:
+        return StatusReply(role="waiting", not_ready_reason="starting: checking its databases")
+
+    server = GRPCServer(f"127.0.0.1:{port}", stream_handler=_never, status_handler=status)
+
+    async def echo(req: Heartbeat) -> Heartbeat:
+        return req
+
+    async def count_up(req: Heartbeat, peer: str, send: trio.MemorySendChannel) -> None:
+        await send.send(Position(name="p", txid=1))
+
+    server.add_unary(SERVICE + "Echo", echo, Heartbeat, Heartbeat)
+    server.add_server_stream(SERVICE + "CountUp", count_up, Heartbeat, Position)
+    server.starting = "checking its databases"
+    url = f"http://127.0.0.1:{port}"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        reply = await trio.to_thread.run_sync(fetch_status, url, 5.0)
+        assert reply.not_ready_reason == "starting: checking its databases"
+        with pytest.raises(RemoteError, match="node is starting: checking its databases") as info:
+            await acall_unary(url, SERVICE + "Echo", Heartbeat(unix_ms=7), Heartbeat, deadline=5)
+        assert info.value.code == "UNAVAILABLE"
+        with pytest.raises(RemoteError, match="node is starting"):
+            await trio.to_thread.run_sync(
+                lambda: list(
+                    call_server_stream(url, SERVICE + "CountUp", Heartbeat(), Position, 5.0)
+                )
+            )
+        server.starting = None
+        reply = await acall_unary(
+            url, SERVICE + "Echo", Heartbeat(unix_ms=7), Heartbeat, deadline=5
+        )
+        assert reply.unix_ms == 7
+        nursery.cancel_scope.cancel()

@@ -205,6 +205,9 @@ class GRPCServer:
         self._nursery: trio.Nursery | None = None
         self._tasks: set[_StreamTask] = set()
         self.port = 0
+        # While set (the node checks its databases at startup), every RPC but
+        # Status answers UNAVAILABLE with this reason.
+        self.starting: str | None = None
         # Services registered with add_unary / add_server_stream / add_client_stream:
         # service name -> method name -> grpc method handler.
         self._extra: dict[str, dict[str, Any]] = {}
@@ -302,7 +305,13 @@ class GRPCServer:
             ),
         )
 
+    def _refuse_while_starting(self, context: Any) -> None:
+        starting = self.starting
+        if starting is not None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"node is starting: {starting}")
+
     def _run_unary(self, call: Callable[[], Awaitable[Any]], context: Any) -> Any:
+        self._refuse_while_starting(context)
         token = self._token
         assert token is not None
         try:
@@ -403,6 +412,7 @@ class GRPCServer:
 
     def _serve_stream(self, request: Any, context: Any, handler: Any) -> Iterator[Any]:
         """Run `handler` as a trio task and yield what it sends (a gRPC pool thread)."""
+        self._refuse_while_starting(context)
         token = self._token
         assert token is not None
         send, recv = trio.open_memory_channel[Frame | _Failure](_CHANNEL_DEPTH)

@@ -264,6 +264,10 @@ class Store:
             if not (self.dbs_dir / entry).is_dir() or not valid_database_name(entry):
                 continue
             db = self._make(entry)
+            # Recovery runs in a worker thread while the node already answers
+            # Status: its records reach no listener, and the database is listed
+            # once it is ready.
+            db.on_commit = None
             try:
                 db.recover()
             except RecoveryError as exc:
@@ -271,6 +275,7 @@ class Store:
                 self.failed[entry] = str(exc)
                 db.close()
                 continue
+            db.on_commit = self._notify
             self._dbs[entry] = db
             log.info("database ready %s", kv(db=entry, pos=db.pos))
         self._remove_finished_super_journals()
@@ -413,7 +418,8 @@ class Store:
         return db
 
     def databases(self) -> list[Database]:
-        return [self._dbs[n] for n in sorted(self._dbs)]
+        dbs = dict(self._dbs)  # a copy first: `open` may add one meanwhile (worker thread)
+        return [dbs[n] for n in sorted(dbs)]
 
     def drop_uncommitted(self, name: str) -> bool:
         """Undo the creation of a database file that never held a transaction.
