@@ -196,15 +196,30 @@ class Operations(pyfuse3.Operations):
         db = self._db(node.name)
         st = os.stat(db.path(node.kind))
         _copy_stat(entry, st)
-        # Whole seconds: the kernel drops a file's cached pages whenever a fresh
-        # getattr shows another mtime than it had (FUSE's auto_inval_data, which
-        # pyfuse3 cannot turn off), and SQLite fstats the database on every read
-        # transaction. Nanosecond mtimes would empty the page cache after every
-        # commit; whole seconds do it at most once a second, and tools that compare
-        # mtimes (backups, rsync) still see every change within a second.
-        entry.st_mtime_ns = st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000
+        entry.st_mtime_ns = self._shown_mtime(node, st.st_mtime_ns)
         entry.attr_timeout = entry.entry_timeout = CACHE_TIMEOUT
         return entry
+
+    @staticmethod
+    def _shown_mtime(node: Node, mtime_ns: int) -> int:
+        """The mtime the mount shows: frozen while the file is open (close-to-open).
+
+        The kernel drops a file's whole page cache whenever a fresh getattr shows
+        another mtime than it had (FUSE's auto_inval_data, which pyfuse3 cannot
+        turn off), and it asks for one after every write. A database or -shm file
+        on the primary changes only through the mount, so the kernel's cache is
+        already right: showing a new mtime would only throw it away after every
+        commit. So while the file is open the mtime stays what it was when it was
+        opened; once the last handle is closed the true one shows again (as on
+        NFS), and every change litefspy makes behind the kernel's back shows it at
+        once (`invalidate_database`). Journal and WAL use direct I/O: no cache to
+        keep, their mtime is always true.
+        """
+        if node.kind not in (FileKind.DATABASE, FileKind.SHM):
+            return mtime_ns
+        if node.shown_mtime_ns is None or node.opens == 0:
+            node.shown_mtime_ns = mtime_ns
+        return node.shown_mtime_ns
 
     def _local_path(self, node: Node) -> Path:
         if node.kind is Local.SUPER_JOURNAL:
@@ -388,6 +403,7 @@ class Operations(pyfuse3.Operations):
                 atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
                 mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
                 os.utime(path, ns=(atime, mtime))
+                node.shown_mtime_ns = None  # asked for: shown at once (cache dropped)
             return self._attrs(node)
         except Exception as exc:
             raise _errno(exc, "setattr", mount_name(node.name, node.kind)) from None
@@ -413,6 +429,7 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
+        handle.node.opens += 1
         return fh
 
     def _handle(self, fh: int) -> Handle:
@@ -732,6 +749,8 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         self._count("release")
         handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.node.opens -= 1
         if handle is not None and handle.fd >= 0:
             os.close(handle.fd)
         copy = handle.copy if handle is not None else None
@@ -946,6 +965,7 @@ class Operations(pyfuse3.Operations):
         for kind in kinds:
             node = self.inodes.current(name, kind)
             if node is not None:
+                node.shown_mtime_ns = None  # the file changed: show its true mtime
                 _quietly(lambda n=node: pyfuse3.invalidate_inode(n.ino))  # type: ignore[misc]
             entry = os.fsencode(mount_name(name, kind))
             if importing:
