@@ -148,7 +148,7 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeTable()
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._dir_listings: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
+        self._dir_listing: list[tuple[bytes, pyfuse3.EntryAttributes]] | None = None
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.request_counts: dict[str, int] = {}
@@ -220,6 +220,23 @@ class Operations(pyfuse3.Operations):
         if node.shown_mtime_ns is None or node.opens == 0:
             node.shown_mtime_ns = mtime_ns
         return node.shown_mtime_ns
+
+    def _show_true_mtime(self, handle: Handle) -> None:
+        """The last handle of a file whose shown mtime was frozen closed: if the
+        file changed meanwhile, make the kernel ask for its attributes again (they
+        are cached for an hour), so `ls -l` and mtime-comparing tools see it."""
+        node = handle.node
+        if handle.db is None or node.shown_mtime_ns is None or node.retired:
+            return
+        try:
+            mtime = os.stat(handle.db.path(node.kind)).st_mtime_ns  # type: ignore[arg-type]
+        except OSError:
+            return
+        if mtime != node.shown_mtime_ns:
+            # Off the trio thread, as every notification to the kernel (see
+            # invalidate_database); attributes only: the cached pages are right.
+            invalidate = partial(pyfuse3.invalidate_inode, node.ino, attr_only=True)
+            trio.lowlevel.spawn_system_task(trio.to_thread.run_sync, _quietly, invalidate)
 
     def _local_path(self, node: Node) -> Path:
         if node.kind is Local.SUPER_JOURNAL:
@@ -751,6 +768,8 @@ class Operations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None:
             handle.node.opens -= 1
+            if handle.node.opens == 0:
+                self._show_true_mtime(handle)
         if handle is not None and handle.fd >= 0:
             os.close(handle.fd)
         copy = handle.copy if handle is not None else None
@@ -864,9 +883,15 @@ class Operations(pyfuse3.Operations):
     # ---------------------------------------------------------- directories
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        """ENOSYS: the kernel then opens directories without asking (and sends no
+        RELEASEDIR). SQLite opens the directory to fsync it after creating a
+        journal, so that saves two requests per DELETE-mode commit. The root is
+        the only directory; `readdir` lists it itself."""
         self._count("opendir")
-        if inode != ROOT:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    def _listing(self) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """The root directory's entries with their attributes, in a stable order."""
         entries: list[tuple[bytes, pyfuse3.EntryAttributes]] = []
         names: list[tuple[str, NodeKind]] = []
         for db in self.store.databases():
@@ -886,14 +911,19 @@ class Operations(pyfuse3.Operations):
                 entries.append((os.fsencode(mount_name(db_name, kind)), self._attrs(node)))
             except (OSError, pyfuse3.FUSEError):
                 continue  # vanished while listing
-        fh = self._next_fh
-        self._next_fh += 1
-        self._dir_listings[fh] = entries
-        return fh
+        return entries
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """List the root: a fresh listing at offset 0, continued from it after.
+
+        Without opendir (see above) there is no per-open handle to keep a listing
+        in; one listing is kept from each offset-0 call for the calls that continue
+        it, so a long listing does not rebuild itself per page of entries.
+        """
         self._count("readdir")
-        entries = self._dir_listings.get(fh, [])
+        if start_id == 0 or self._dir_listing is None:
+            self._dir_listing = self._listing()
+        entries = self._dir_listing
         for idx in range(start_id, len(entries)):
             name, attrs = entries[idx]
             if not pyfuse3.readdir_reply(token, name, attrs, idx + 1):
@@ -903,7 +933,7 @@ class Operations(pyfuse3.Operations):
                 node.lookups += 1
 
     async def releasedir(self, fh: int) -> None:
-        self._dir_listings.pop(fh, None)
+        self._count("releasedir")  # never sent while opendir answers ENOSYS
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         self._count("fsyncdir")
