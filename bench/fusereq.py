@@ -10,9 +10,12 @@ primary answers is in them (the lock keeper's included).
   DELETE/NORMAL, WAL/FULL and WAL/NORMAL: requests per commit, by operation.
 * W3: a committed row, then (a second later, as an application reading a
   database written a moment ago) a new read-only connection making 1000
-  random point reads: FUSE read requests per 1000 reads, DELETE and WAL. The
-  database is larger than SQLite's own cache, so reads reach the kernel; the
-  kernel's page cache answers them unless it was dropped.
+  random point reads: FUSE read requests per 1000 reads, DELETE and WAL, on
+  the primary and on the replica once it applied the commit. The database is
+  larger than SQLite's own cache, so reads reach the kernel; the kernel's page
+  cache answers them unless it was dropped. On each node the database stays
+  open meanwhile (the writer on the primary, a connection on the replica), as
+  in an application with a connection pool.
 
 `python -m bench --only fusereq` runs only this (about 30 s).
 `LITEFSPY_BENCH_FUSEREQ_COMMITS` (default 200) sets the commits per W1 mode.
@@ -32,7 +35,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.replication import Node
+from bench.replication import Node, _wait_pos
 
 COMMITS = int(os.environ.get("LITEFSPY_BENCH_FUSEREQ_COMMITS", "200"))
 WARMUP = 20
@@ -90,12 +93,14 @@ def per_commit(node: Node, mode: str, sync: str, commits: int = COMMITS) -> dict
     return {op: n / commits for op, n in sorted(seen.items())}
 
 
-def reads_after_commit(node: Node, mode: str) -> dict[str, float]:
-    """FUSE requests per 1000 point reads by a new connection, a second after a commit."""
-    path = node.mnt / f"reads-{mode}.db"
-    writer = _connect(path, mode, "normal")
+def reads_after_commit(node: Node, mode: str, replica: Node) -> dict[str, dict[str, float]]:
+    """FUSE requests per 1000 point reads by a new connection, a second after a commit,
+    on `node` (the primary) and on `replica`."""
+    name = f"reads-{mode}.db"
+    writer = _connect(node.mnt / name, mode, "normal")
     rng = random.Random(7)
-    totals: dict[str, int] = {}
+    totals: dict[str, dict[str, int]] = {"primary": {}, "replica": {}}
+    holder: sqlite3.Connection | None = None
     try:
         writer.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
         writer.execute("BEGIN")
@@ -103,28 +108,40 @@ def reads_after_commit(node: Node, mode: str) -> dict[str, float]:
             "INSERT INTO t (v) VALUES (?)", ((f"{i:08d}{ROW}",) for i in range(W3_ROWS))
         )
         writer.execute("COMMIT")
+        _wait_pos(replica, node, name)
+        holder = sqlite3.connect(f"file:{replica.mnt / name}?mode=ro", uri=True, timeout=60)
+        # Every page read once on each node: what stays cached is what is measured.
+        for conn in (writer, holder):
+            conn.execute("SELECT count(*), sum(length(v)) FROM t").fetchone()
         for _ in range(W3_ROUNDS):
             writer.execute("UPDATE t SET v = ? WHERE id = ?", (ROW, rng.randint(1, W3_ROWS)))
+            _wait_pos(replica, node, name)
             # Past the next whole second: what an application sees reading a
             # database written a moment ago (and what a whole-second mtime hides
             # when the reads follow at once).
             time.sleep(1.1)
+            for target, where in (("primary", node), ("replica", replica)):
 
-            def read() -> None:
-                reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
-                try:
-                    for _ in range(W3_READS):
-                        reader.execute(
-                            "SELECT v FROM t WHERE id = ?", (rng.randint(1, W3_ROWS),)
-                        ).fetchone()
-                finally:
-                    reader.close()
+                def read(path: Path = where.mnt / name) -> None:
+                    reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+                    try:
+                        for _ in range(W3_READS):
+                            reader.execute(
+                                "SELECT v FROM t WHERE id = ?", (rng.randint(1, W3_ROWS),)
+                            ).fetchone()
+                    finally:
+                        reader.close()
 
-            for op, n in counted(node, read).items():
-                totals[op] = totals.get(op, 0) + n
+                for op, n in counted(where, read).items():
+                    totals[target][op] = totals[target].get(op, 0) + n
     finally:
+        if holder is not None:
+            holder.close()
         writer.close()
-    return {op: n / W3_ROUNDS * 1000 / W3_READS for op, n in sorted(totals.items())}
+    return {
+        target: {op: n / W3_ROUNDS * 1000 / W3_READS for op, n in sorted(ops.items())}
+        for target, ops in totals.items()
+    }
 
 
 def _ops(counts: dict[str, float]) -> dict[str, float]:
@@ -137,7 +154,7 @@ def run() -> list[dict[str, Any]]:
         root = Path(tmp)
         primary = Node(root, "primary", metrics=True)
         primary.start()
-        replica = Node(root, "replica", primary)
+        replica = Node(root, "replica", primary, metrics=True)
         replica.start()
         try:
             for mode, sync in W1_MODES:
@@ -152,17 +169,17 @@ def run() -> list[dict[str, Any]]:
                     }
                 )
             for mode in ("delete", "wal"):
-                per_op = reads_after_commit(primary, mode)
-                rows.append(
-                    {
-                        "workload": "W3",
-                        "figure": f"FUSE reads per {W3_READS} point reads {mode} (primary)",
-                        "value": round(per_op.get("read", 0.0), 1),
-                        "unit": "requests",
-                        "all": round(sum(per_op.values()), 1),
-                        **_ops(per_op),
-                    }
-                )
+                for target, per_op in reads_after_commit(primary, mode, replica).items():
+                    rows.append(
+                        {
+                            "workload": "W3",
+                            "figure": f"FUSE reads per {W3_READS} point reads {mode} ({target})",
+                            "value": round(per_op.get("read", 0.0), 1),
+                            "unit": "requests",
+                            "all": round(sum(per_op.values()), 1),
+                            **_ops(per_op),
+                        }
+                    )
         finally:
             replica.stop()
             primary.stop()
