@@ -199,6 +199,14 @@ async def test_replica_apply_replaces_only_the_changed_pages(node_factory, tmp_p
         reads = rops.request_counts.get("read", 0) - before.get("read", 0)
         assert reads <= 2, reads  # before: every page read again
         assert await trio.to_thread.run_sync(read_row_7) == ("changed",)
+        shown = (await trio.to_thread.run_sync(os.stat, rmnt / "app.db")).st_mtime_ns
         await trio.to_thread.run_sync(holder.close)
+        # No application has it open any more (litefspy's lock keeper still does):
+        # the mount shows the apply's true mtime again.
+        real = os.stat(tmp_path / "replica" / "dbs" / "app.db" / "database").st_mtime_ns
+        assert shown != real
+        with trio.fail_after(5):
+            while (await trio.to_thread.run_sync(os.stat, rmnt / "app.db")).st_mtime_ns != real:
+                await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     replica.close()

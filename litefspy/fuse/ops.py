@@ -116,6 +116,9 @@ class Handle:
     fd: int = -1
     content: bytes = b""
     copy: StagedCopy | None = None
+    # Counted in `node.opens` (an application's; not litefspy's own lock keeper's,
+    # which keeps its descriptors for the node's life).
+    counted: bool = True
 
 
 def _errno(exc: BaseException, op: str, name: str) -> pyfuse3.FUSEError:
@@ -446,7 +449,8 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
-        handle.node.opens += 1
+        if handle.counted:
+            handle.node.opens += 1
         return fh
 
     def _handle(self, fh: int) -> Handle:
@@ -514,7 +518,8 @@ class Operations(pyfuse3.Operations):
                 except Exception:
                     os.close(fd)
                     raise
-            fh = self._new_handle(Handle(node, db, fd))
+            own = node.kind in (FileKind.DATABASE, FileKind.SHM) and self.is_own_request(ctx)
+            fh = self._new_handle(Handle(node, db, fd, counted=not own))
             return self._file_info(fh, node.kind)
         except Exception as exc:
             raise _errno(exc, "open", mount_name(node.name, node.kind)) from None
@@ -766,7 +771,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         self._count("release")
         handle = self._handles.pop(fh, None)
-        if handle is not None:
+        if handle is not None and handle.counted:
             handle.node.opens -= 1
             if handle.node.opens == 0:
                 self._show_true_mtime(handle)
