@@ -45,9 +45,9 @@ class Node:
     kind: NodeKind
     lookups: int = 0
     retired: bool = False
-    opens: int = 0  # handles open on it through the mount
-    # The mtime the kernel was last told while the file is open (see ops._attrs).
+    # The mtime the kernel was last told, and when (see ops._shown_mtime).
     shown_mtime_ns: int | None = None
+    shown_at: float = 0.0
 
     @property
     def key(self) -> tuple[str, NodeKind]:

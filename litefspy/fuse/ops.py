@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 # change) invalidates explicitly (DESIGN.md decision 3).
 CACHE_TIMEOUT = 3600.0
 ROOT = pyfuse3.ROOT_INODE
+# Seconds: how stale a database's mtime may look through the mount, to keep the
+# kernel's page cache (see Operations._shown_mtime).
+MTIME_REFRESH = 60.0
 FileHandle = int
 
 
@@ -116,9 +119,6 @@ class Handle:
     fd: int = -1
     content: bytes = b""
     copy: StagedCopy | None = None
-    # Counted in `node.opens` (an application's; not litefspy's own lock keeper's,
-    # which keeps its descriptors for the node's life).
-    counted: bool = True
 
 
 def _errno(exc: BaseException, op: str, name: str) -> pyfuse3.FUSEError:
@@ -155,6 +155,8 @@ class Operations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.request_counts: dict[str, int] = {}
+        # A database's new mtime shows at most this often (see _shown_mtime).
+        self.mtime_refresh = MTIME_REFRESH
         self._offline_logged: set[str] = set()
         # Files being copied in, by their name in the mount.
         self._copies: dict[str, StagedCopy] = {}
@@ -199,47 +201,35 @@ class Operations(pyfuse3.Operations):
         db = self._db(node.name)
         st = os.stat(db.path(node.kind))
         _copy_stat(entry, st)
-        entry.st_mtime_ns = self._shown_mtime(node, st.st_mtime_ns)
-        entry.attr_timeout = entry.entry_timeout = CACHE_TIMEOUT
+        entry.st_mtime_ns, timeout = self._shown_mtime(node, st.st_mtime_ns)
+        entry.attr_timeout = timeout
+        entry.entry_timeout = CACHE_TIMEOUT
         return entry
 
-    @staticmethod
-    def _shown_mtime(node: Node, mtime_ns: int) -> int:
-        """The mtime the mount shows: frozen while the file is open (close-to-open).
+    def _shown_mtime(self, node: Node, mtime_ns: int) -> tuple[int, float]:
+        """The mtime the mount shows, and for how long the kernel may cache it.
 
         The kernel drops a file's whole page cache whenever a fresh getattr shows
         another mtime than it had (FUSE's auto_inval_data, which pyfuse3 cannot
         turn off), and it asks for one after every write. A database or -shm file
         on the primary changes only through the mount, so the kernel's cache is
-        already right: showing a new mtime would only throw it away after every
-        commit. So while the file is open the mtime stays what it was when it was
-        opened; once the last handle is closed the true one shows again (as on
-        NFS), and every change litefspy makes behind the kernel's back shows it at
-        once (`invalidate_database`). Journal and WAL use direct I/O: no cache to
-        keep, their mtime is always true.
+        already right: showing each commit's mtime would only throw it away. So a
+        new mtime shows at most once per `mtime_refresh` seconds (the kernel is
+        told to ask again when it is due), and at once whenever litefspy changes
+        the file behind the kernel's back (`invalidate_database`: the cache is
+        dropped anyway). Journal and WAL use direct I/O: no cache to keep, their
+        mtime is always true.
         """
         if node.kind not in (FileKind.DATABASE, FileKind.SHM):
-            return mtime_ns
-        if node.shown_mtime_ns is None or node.opens == 0:
-            node.shown_mtime_ns = mtime_ns
-        return node.shown_mtime_ns
-
-    def _show_true_mtime(self, handle: Handle) -> None:
-        """The last handle of a file whose shown mtime was frozen closed: if the
-        file changed meanwhile, make the kernel ask for its attributes again (they
-        are cached for an hour), so `ls -l` and mtime-comparing tools see it."""
-        node = handle.node
-        if handle.db is None or node.shown_mtime_ns is None or node.retired:
-            return
-        try:
-            mtime = os.stat(handle.db.path(node.kind)).st_mtime_ns  # type: ignore[arg-type]
-        except OSError:
-            return
-        if mtime != node.shown_mtime_ns:
-            # Off the trio thread, as every notification to the kernel (see
-            # invalidate_database); attributes only: the cached pages are right.
-            invalidate = partial(pyfuse3.invalidate_inode, node.ino, attr_only=True)
-            trio.lowlevel.spawn_system_task(trio.to_thread.run_sync, _quietly, invalidate)
+            return mtime_ns, CACHE_TIMEOUT
+        now = time.monotonic()
+        if node.shown_mtime_ns is None or (
+            mtime_ns != node.shown_mtime_ns and now - node.shown_at >= self.mtime_refresh
+        ):
+            node.shown_mtime_ns, node.shown_at = mtime_ns, now
+        if node.shown_mtime_ns == mtime_ns:
+            return mtime_ns, CACHE_TIMEOUT
+        return node.shown_mtime_ns, max(0.1, node.shown_at + self.mtime_refresh - now)
 
     def _local_path(self, node: Node) -> Path:
         if node.kind is Local.SUPER_JOURNAL:
@@ -449,8 +439,6 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
-        if handle.counted:
-            handle.node.opens += 1
         return fh
 
     def _handle(self, fh: int) -> Handle:
@@ -518,8 +506,7 @@ class Operations(pyfuse3.Operations):
                 except Exception:
                     os.close(fd)
                     raise
-            own = node.kind in (FileKind.DATABASE, FileKind.SHM) and self.is_own_request(ctx)
-            fh = self._new_handle(Handle(node, db, fd, counted=not own))
+            fh = self._new_handle(Handle(node, db, fd))
             return self._file_info(fh, node.kind)
         except Exception as exc:
             raise _errno(exc, "open", mount_name(node.name, node.kind)) from None
@@ -771,10 +758,6 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         self._count("release")
         handle = self._handles.pop(fh, None)
-        if handle is not None and handle.counted:
-            handle.node.opens -= 1
-            if handle.node.opens == 0:
-                self._show_true_mtime(handle)
         if handle is not None and handle.fd >= 0:
             os.close(handle.fd)
         copy = handle.copy if handle is not None else None
@@ -1018,7 +1001,7 @@ class Operations(pyfuse3.Operations):
         The kernel's copy of exactly those pages is replaced (FUSE notify_store)
         and the rest of its page cache kept: readers do not fall back to the
         daemon for pages that did not change. Its attributes are asked for again;
-        the size is the same and the mtime shown stays while the file is open
+        the size is the same and a new mtime shows only when due
         (`_shown_mtime`), so that does not drop the cache. Every other file of
         the database (journal, WAL, -shm, -pos) is invalidated as usual. Same
         thread rule as `invalidate_database`. Anything the kernel refuses falls
