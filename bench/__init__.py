@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "codec": _lazy("bench.codec"),
     "failover": _lazy("bench.failover"),
     "fs": _lazy("bench.fs"),
+    "fusereq": _lazy("bench.fusereq"),
     "replication": _lazy("bench.replication"),
     "startup": _lazy("bench.startup"),
 }

@@ -107,45 +107,6 @@ def w4_scan(path: Path, cold: bool) -> float:
     return elapsed
 
 
-def requests_per_commit(mode: str, sync: str, commits: int = 300) -> dict[str, float]:
-    """FUSE requests per single-row commit, by operation (an in-process mount)."""
-    import trio
-
-    from litefspy.fuse.mount import serve
-    from litefspy.fuse.ops import Operations
-    from litefspy.store.store import Store
-
-    result: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="litefspy-bench-req-") as tmp:
-        root = Path(tmp)
-
-        async def main() -> None:
-            store = Store(root / "data")
-            store.open()
-            ops = Operations(store)
-
-            def work(mnt: Path) -> None:
-                conn = _connect(mnt / "r.db", mode, sync)
-                conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-                conn.execute("INSERT INTO t (v) VALUES (?)", (ROW,))
-                ops.request_counts.clear()
-                for _ in range(commits):
-                    conn.execute("INSERT INTO t (v) VALUES (?)", (ROW,))
-                result.update({op: n / commits for op, n in ops.request_counts.items()})
-                conn.close()
-
-            async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    lambda task_status: serve(ops, root / "mnt", task_status=task_status)
-                )
-                await trio.to_thread.run_sync(work, root / "mnt")
-                nursery.cancel_scope.cancel()
-            store.close()
-
-        trio.run(main)
-    return result
-
-
 def _row(
     workload: str,
     figure: str,
@@ -195,16 +156,6 @@ def run() -> list[dict[str, Any]]:
                 p = w1_insert_rate(primary.mnt, mode, sync)
                 rows.append(
                     _row("W1", f"insert txn/s {mode}/{sync}", r, p, "txn/s", higher_is_better=True)
-                )
-                per_op = requests_per_commit(mode, sync)
-                rows.append(
-                    {
-                        "workload": "W1",
-                        "figure": f"FUSE requests per commit {mode}/{sync}",
-                        "value": round(sum(per_op.values()), 2),
-                        "unit": "requests",
-                        **{op: round(n, 2) for op, n in sorted(per_op.items()) if n >= 0.05},
-                    }
                 )
             for mode in ("delete", "wal"):
                 r_one, r_all = w2_bulk(raw, mode)

@@ -58,7 +58,9 @@ def _free_port() -> int:
 class Node:
     """One `litefspy mount` process."""
 
-    def __init__(self, root: Path, name: str, primary: Node | None = None) -> None:
+    def __init__(
+        self, root: Path, name: str, primary: Node | None = None, *, metrics: bool = False
+    ) -> None:
         self.root = root / name
         self.mnt = self.root / "mnt"
         self.data = self.root / "data"
@@ -76,6 +78,10 @@ class Node:
             f"lease:\n  type: static\n  hostname: {name}\n{lease}"
             "  reconnect-delay: 100ms\n"
         )
+        self.metrics_port = _free_port() if metrics else None
+        if self.metrics_port is not None:
+            with self.config.open("a") as f:
+                f.write(f"metrics:\n  addr: 127.0.0.1:{self.metrics_port}\n")
 
     @property
     def url(self) -> str:

@@ -119,12 +119,23 @@ def check_can_mount(device: Path = FUSE_DEVICE, mountpoint: Path | None = None) 
 
 
 def mount_options(*, allow_other: bool, debug: bool) -> set[str]:
-    """The FUSE options: default_permissions; no writeback cache (every write must be seen)."""
+    """The FUSE options (no writeback cache: every write must be seen).
+
+    The kernel checks permissions itself (default_permissions) only when other
+    users may reach the mount. Without allow_other only the user running
+    litefspy can, and litefspy opens the real files as that same user, so the
+    real files' permissions already apply; kernel checks would then cost a
+    getattr of the mount's root after every create or unlink (twice per
+    DELETE-mode commit: the journal), to answer nothing new.
+    """
     options = set(pyfuse3.default_options)
     options.add("fsname=litefspy")
     options.add("subtype=litefspy")
     if allow_other:
         options.add("allow_other")
+        options.add("default_permissions")
+    else:
+        options.discard("default_permissions")
     if debug:
         options.add("debug")
     return options

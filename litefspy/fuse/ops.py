@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 # change) invalidates explicitly (DESIGN.md decision 3).
 CACHE_TIMEOUT = 3600.0
 ROOT = pyfuse3.ROOT_INODE
+# Seconds: how stale a database's mtime may look through the mount, to keep the
+# kernel's page cache (see Operations._shown_mtime).
+MTIME_REFRESH = 60.0
 FileHandle = int
 
 
@@ -171,10 +174,12 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeTable()
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._dir_listings: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
+        self._dir_listing: list[tuple[bytes, pyfuse3.EntryAttributes]] | None = None
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.request_counts: dict[str, int] = {}
+        # A database's new mtime shows at most this often (see _shown_mtime).
+        self.mtime_refresh = MTIME_REFRESH
         self._offline_logged: set[str] = set()
         # Files being copied in, by their name in the mount.
         self._copies: dict[str, StagedCopy] = {}
@@ -219,15 +224,35 @@ class Operations(pyfuse3.Operations):
         db = self._db(node.name)
         st = os.stat(db.path(node.kind))
         _copy_stat(entry, st)
-        # Whole seconds: the kernel drops a file's cached pages whenever a fresh
-        # getattr shows another mtime than it had (FUSE's auto_inval_data, which
-        # pyfuse3 cannot turn off), and SQLite fstats the database on every read
-        # transaction. Nanosecond mtimes would empty the page cache after every
-        # commit; whole seconds do it at most once a second, and tools that compare
-        # mtimes (backups, rsync) still see every change within a second.
-        entry.st_mtime_ns = st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000
-        entry.attr_timeout = entry.entry_timeout = CACHE_TIMEOUT
+        entry.st_mtime_ns, timeout = self._shown_mtime(node, st.st_mtime_ns)
+        entry.attr_timeout = timeout
+        entry.entry_timeout = CACHE_TIMEOUT
         return entry
+
+    def _shown_mtime(self, node: Node, mtime_ns: int) -> tuple[int, float]:
+        """The mtime the mount shows, and for how long the kernel may cache it.
+
+        The kernel drops a file's whole page cache whenever a fresh getattr shows
+        another mtime than it had (FUSE's auto_inval_data, which pyfuse3 cannot
+        turn off), and it asks for one after every write. A database or -shm file
+        on the primary changes only through the mount, so the kernel's cache is
+        already right: showing each commit's mtime would only throw it away. So a
+        new mtime shows at most once per `mtime_refresh` seconds (the kernel is
+        told to ask again when it is due), and at once whenever litefspy changes
+        the file behind the kernel's back (`invalidate_database`: the cache is
+        dropped anyway). Journal and WAL use direct I/O: no cache to keep, their
+        mtime is always true.
+        """
+        if node.kind not in (FileKind.DATABASE, FileKind.SHM):
+            return mtime_ns, CACHE_TIMEOUT
+        now = time.monotonic()
+        if node.shown_mtime_ns is None or (
+            mtime_ns != node.shown_mtime_ns and now - node.shown_at >= self.mtime_refresh
+        ):
+            node.shown_mtime_ns, node.shown_at = mtime_ns, now
+        if node.shown_mtime_ns == mtime_ns:
+            return mtime_ns, CACHE_TIMEOUT
+        return node.shown_mtime_ns, max(0.1, node.shown_at + self.mtime_refresh - now)
 
     def _local_path(self, node: Node) -> Path:
         if node.kind is Local.SUPER_JOURNAL:
@@ -411,6 +436,7 @@ class Operations(pyfuse3.Operations):
                 atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
                 mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
                 os.utime(path, ns=(atime, mtime))
+                node.shown_mtime_ns = None  # asked for: shown at once (cache dropped)
             return self._attrs(node)
         except Exception as exc:
             raise _errno(exc, "setattr", mount_name(node.name, node.kind)) from None
@@ -912,9 +938,15 @@ class Operations(pyfuse3.Operations):
     # ---------------------------------------------------------- directories
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        """ENOSYS: the kernel then opens directories without asking (and sends no
+        RELEASEDIR). SQLite opens the directory to fsync it after creating a
+        journal, so that saves two requests per DELETE-mode commit. The root is
+        the only directory; `readdir` lists it itself."""
         self._count("opendir")
-        if inode != ROOT:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    def _listing(self) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """The root directory's entries with their attributes, in a stable order."""
         entries: list[tuple[bytes, pyfuse3.EntryAttributes]] = []
         names: list[tuple[str, NodeKind]] = []
         for db in self.store.databases():
@@ -934,14 +966,19 @@ class Operations(pyfuse3.Operations):
                 entries.append((os.fsencode(mount_name(db_name, kind)), self._attrs(node)))
             except (OSError, pyfuse3.FUSEError):
                 continue  # vanished while listing
-        fh = self._next_fh
-        self._next_fh += 1
-        self._dir_listings[fh] = entries
-        return fh
+        return entries
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """List the root: a fresh listing at offset 0, continued from it after.
+
+        Without opendir (see above) there is no per-open handle to keep a listing
+        in; one listing is kept from each offset-0 call for the calls that continue
+        it, so a long listing does not rebuild itself per page of entries.
+        """
         self._count("readdir")
-        entries = self._dir_listings.get(fh, [])
+        if start_id == 0 or self._dir_listing is None:
+            self._dir_listing = self._listing()
+        entries = self._dir_listing
         for idx in range(start_id, len(entries)):
             name, attrs = entries[idx]
             if not pyfuse3.readdir_reply(token, name, attrs, idx + 1):
@@ -951,7 +988,7 @@ class Operations(pyfuse3.Operations):
                 node.lookups += 1
 
     async def releasedir(self, fh: int) -> None:
-        self._dir_listings.pop(fh, None)
+        self._count("releasedir")  # never sent while opendir answers ENOSYS
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         self._count("fsyncdir")
@@ -1006,19 +1043,49 @@ class Operations(pyfuse3.Operations):
         may wait for in-flight requests (e.g. a read of a page being invalidated)
         that only the loop can answer.
         """
-        kinds: list[NodeKind] = [*FileKind, Special.POS]
+        self._invalidate_files(name, [*FileKind, Special.POS])
+
+    def _invalidate_files(self, name: str, kinds: list[NodeKind]) -> None:
         # A copy being imported may have lookups of its name waiting for it, which
         # hold the directory: its entries are invalidated without waiting for them.
         importing = name in self._copies
         for kind in kinds:
             node = self.inodes.current(name, kind)
             if node is not None:
+                node.shown_mtime_ns = None  # the file changed: show its true mtime
                 _quietly(lambda n=node: pyfuse3.invalidate_inode(n.ino))  # type: ignore[misc]
             entry = os.fsencode(mount_name(name, kind))
             if importing:
                 pyfuse3.invalidate_entry_async(ROOT, entry, ignore_enoent=True)
             else:
                 _quietly(lambda e=entry: pyfuse3.invalidate_entry(ROOT, e))  # type: ignore[misc]
+
+    def update_database_pages(
+        self, name: str, page_size: int, pages: Sequence[tuple[int, bytes]]
+    ) -> None:
+        """A replica apply changed the database file only in `pages`, in place.
+
+        The kernel's copy of exactly those pages is replaced (FUSE notify_store)
+        and the rest of its page cache kept: readers do not fall back to the
+        daemon for pages that did not change. Its attributes are asked for again;
+        the size is the same and a new mtime shows only when due
+        (`_shown_mtime`), so that does not drop the cache. Every other file of
+        the database (journal, WAL, -shm, -pos) is invalidated as usual. Same
+        thread rule as `invalidate_database`. Anything the kernel refuses falls
+        back to invalidating the whole database.
+        """
+        node = self.inodes.current(name, FileKind.DATABASE)
+        if node is not None:
+            try:
+                for pgno, data in pages:
+                    pyfuse3.notify_store(node.ino, (pgno - 1) * page_size, data)
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: the kernel caches nothing of it
+                    log.debug("page update failed, invalidating %s: %s", kv(db=name), exc)
+                    self.invalidate_database(name)
+                    return
+        self._invalidate_files(name, [FileKind.JOURNAL, FileKind.WAL, FileKind.SHM, Special.POS])
 
     def is_own_request(self, ctx: pyfuse3.RequestContext) -> bool:
         """The request comes from litefspy's lock keeper process (store/keeper.py).
