@@ -645,9 +645,12 @@ class Store:
         self._install_ltx(db, header, src, final, set_aside)
         held = lock()
         try:
-            if db.needs_settling():
+            settled = db.needs_settling()
+            if settled:
                 db.settle(verify=False)
             after, in_place = self._write_applied(db, final, header, trailer, current, pages=pages)
+            if settled:
+                in_place = None  # settling changed other pages too: drop the whole cache
             db.end_apply()
             self._after_apply(db.name, wal, held, in_place, header.page_size)
             return after
