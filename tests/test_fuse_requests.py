@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -21,7 +20,6 @@ import trio
 from litefspy.fuse.mount import serve
 from litefspy.fuse.ops import Operations
 from litefspy.store.store import Store
-from tests.mounted import attach_store
 
 COMMITS = 20
 # Measured per single-row commit (as root: SQLite then chowns each new journal,
@@ -138,68 +136,3 @@ async def test_requests_per_commit_and_reads_after_commit(tmp_path: Path) -> Non
         await trio.to_thread.run_sync(work)
         nursery.cancel_scope.cancel()
     store.close()
-
-
-async def test_replica_apply_replaces_only_the_changed_pages(node_factory, tmp_path: Path) -> None:
-    """A replica apply updates the kernel's copy of the pages it changed, keeps the rest."""
-    primary = node_factory("primary").start()  # one pyfuse3 mount per process: the replica's
-    replica = Store(tmp_path / "replica")
-    replica.open()
-    replica.set_writable(False)
-    rmnt = tmp_path / "rmnt"
-    rops = Operations(replica)
-    rows = 3000
-
-    def build() -> None:
-        conn = _connect(primary.db("app.db"), "delete", "full")
-        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-        conn.execute("BEGIN")
-        conn.executemany("INSERT INTO t (v) VALUES (?)", ((f"{i:06d}" * 20,) for i in range(rows)))
-        conn.execute("COMMIT")
-        conn.execute("UPDATE t SET v = 'changed' WHERE id = 7")
-        conn.close()
-
-    def point_reads() -> None:
-        reader = sqlite3.connect(f"file:{rmnt / 'app.db'}?mode=ro", uri=True)
-        reader.execute("PRAGMA cache_size=5")
-        rng = random.Random(5)
-        for _ in range(300):
-            row = reader.execute("SELECT v FROM t WHERE id = ?", (rng.randint(1, rows),))
-            assert row.fetchone() is not None
-        reader.close()
-
-    def read_row_7() -> object:
-        conn = sqlite3.connect(f"file:{rmnt / 'app.db'}?mode=ro", uri=True)
-        try:
-            return conn.execute("SELECT v FROM t WHERE id = 7").fetchone()
-        finally:
-            conn.close()
-
-    async def apply(path: Path) -> None:
-        incoming = replica.incoming_path("app.db")
-        await trio.to_thread.run_sync(shutil.copyfile, path, incoming)
-        await replica.apply_ltx("app.db", incoming)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: serve(rops, rmnt, task_status=task_status))
-        await nursery.start(attach_store, replica, rmnt, rops)
-        await trio.to_thread.run_sync(build)
-        *history, last = primary.ltx_files("app.db")
-        for path in history:
-            await apply(path)
-        # An application on the replica holds the database open (a pool) while
-        # other connections read it: the kernel caches every page read.
-        holder = await trio.to_thread.run_sync(
-            lambda: sqlite3.connect(f"file:{rmnt / 'app.db'}?mode=ro", uri=True)
-        )
-        await trio.to_thread.run_sync(point_reads)
-        assert await trio.to_thread.run_sync(read_row_7) != ("changed",)
-        await apply(last)  # the UPDATE: page 1 and one leaf, in place
-        before = dict(rops.request_counts)
-        await trio.to_thread.run_sync(point_reads)
-        reads = rops.request_counts.get("read", 0) - before.get("read", 0)
-        assert reads <= 2, reads  # before: every page read again
-        assert await trio.to_thread.run_sync(read_row_7) == ("changed",)
-        await trio.to_thread.run_sync(holder.close)
-        nursery.cancel_scope.cancel()
-    replica.close()

@@ -1060,33 +1060,6 @@ class Operations(pyfuse3.Operations):
             else:
                 _quietly(lambda e=entry: pyfuse3.invalidate_entry(ROOT, e))  # type: ignore[misc]
 
-    def update_database_pages(
-        self, name: str, page_size: int, pages: Sequence[tuple[int, bytes]]
-    ) -> None:
-        """A replica apply changed the database file only in `pages`, in place.
-
-        The kernel's copy of exactly those pages is replaced (FUSE notify_store)
-        and the rest of its page cache kept: readers do not fall back to the
-        daemon for pages that did not change. Its attributes are asked for again;
-        the size is the same and a new mtime shows only when due
-        (`_shown_mtime`), so that does not drop the cache. Every other file of
-        the database (journal, WAL, -shm, -pos) is invalidated as usual. Same
-        thread rule as `invalidate_database`. Anything the kernel refuses falls
-        back to invalidating the whole database.
-        """
-        node = self.inodes.current(name, FileKind.DATABASE)
-        if node is not None:
-            try:
-                for pgno, data in pages:
-                    pyfuse3.notify_store(node.ino, (pgno - 1) * page_size, data)
-                pyfuse3.invalidate_inode(node.ino, attr_only=True)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:  # ENOENT: the kernel caches nothing of it
-                    log.debug("page update failed, invalidating %s: %s", kv(db=name), exc)
-                    self.invalidate_database(name)
-                    return
-        self._invalidate_files(name, [FileKind.JOURNAL, FileKind.WAL, FileKind.SHM, Special.POS])
-
     def is_own_request(self, ctx: pyfuse3.RequestContext) -> bool:
         """The request comes from litefspy's lock keeper process (store/keeper.py).
 

@@ -9,7 +9,7 @@ import secrets
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -161,13 +161,6 @@ class CacheInvalidator(Protocol):
 
     def invalidate_database(self, name: str) -> None:
         """Invalidate cached pages, attributes and entries of every file of `name`."""
-
-    def update_database_pages(
-        self, name: str, page_size: int, pages: Sequence[tuple[int, bytes]]
-    ) -> None:
-        """As `invalidate_database`, except that the database file changed only in
-        `pages` (same size): the kernel's copy of those pages is replaced and the
-        rest of its cache is kept."""
 
 
 @dataclass
@@ -645,14 +638,11 @@ class Store:
         self._install_ltx(db, header, src, final, set_aside)
         held = lock()
         try:
-            settled = db.needs_settling()
-            if settled:
+            if db.needs_settling():
                 db.settle(verify=False)
-            after, in_place = self._write_applied(db, final, header, trailer, current, pages=pages)
-            if settled:
-                in_place = None  # settling changed other pages too: drop the whole cache
+            after = self._write_applied(db, final, header, trailer, current, pages=pages)
             db.end_apply()
-            self._after_apply(db.name, wal, held, in_place, header.page_size)
+            self._after_apply(db.name, wal, held)
             return after
         finally:
             held.release()  # no-op once _after_apply released it
@@ -706,12 +696,8 @@ class Store:
         current: PageChecksums | None,
         *,
         pages: list[tuple[int, bytes]] | None,
-    ) -> tuple[PageChecksums, list[tuple[int, bytes]] | None]:
+    ) -> PageChecksums:
         """Write the pages that differ (worker thread, exclusive locks held).
-
-        Returns the new checksums and, when the database only changed in place
-        (an incremental file of decoded pages that kept its size), the pages
-        written, so the kernel's cache of the others can stay.
 
         `current` is the database's own checksums: an incremental file changes
         them in place with an undo record (rolled back on any failure); a
@@ -750,7 +736,6 @@ class Store:
                     os.truncate(wal_path, 0)
             fd = os.open(db.db_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                size_before = os.fstat(fd).st_size
                 if todo is not None:
                     for pgno, data in todo:
                         os.pwrite(fd, data, (pgno - 1) * page_size)
@@ -769,13 +754,6 @@ class Store:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            in_place = (
-                todo
-                if header.commit
-                and not header.is_snapshot
-                and size_before == header.commit * page_size
-                else None
-            )
             if header.commit == 0:
                 for kind in FileKind:
                     if kind is not FileKind.SHM:
@@ -786,28 +764,16 @@ class Store:
             if changes is not None:
                 changes.rollback()
             raise
-        return after, in_place
+        return after
 
-    def _after_apply(
-        self,
-        name: str,
-        wal: bool,
-        held: Held | None = None,
-        in_place: list[tuple[int, bytes]] | None = None,
-        page_size: int = 0,
-    ) -> None:
+    def _after_apply(self, name: str, wal: bool, held: Held | None = None) -> None:
         """Worker thread, locks held: make readers see the new pages.
 
-        With `in_place` (the only pages that changed), the kernel keeps its cache
-        of every other page. With `held`, the locks are released too: in the same
-        call to the lock keeper as the WAL-index reset (one round trip fewer per
-        replica apply).
+        With `held`, the locks are released too: in the same call to the lock
+        keeper as the WAL-index reset (one round trip fewer per replica apply).
         """
         if self._invalidator is not None:
-            if in_place is not None:
-                self._invalidator.update_database_pages(name, page_size, in_place)
-            else:
-                self._invalidator.invalidate_database(name)
+            self._invalidator.invalidate_database(name)
         db = self.get(name)
         locks = self._locks
         if wal and locks is not None and db is not None:
