@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from litefspy.cli_cluster import text_table
 from litefspy.errors import ConfigError, LitefspyError
 
 
@@ -104,7 +105,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         [a.db, a.kind, _iso(a.created), _age(a.age(now)), str(a.size), _rel(a.path, data)]
         for a in asides
     ]
-    print("\n".join(_table(rows, ["DATABASE", "KIND", "SET ASIDE", "AGE", "SIZE", "PATH"])))
+    print("\n".join(text_table(rows, ["DATABASE", "KIND", "SET ASIDE", "AGE", "SIZE", "PATH"])))
     return 0
 
 
@@ -140,14 +141,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         summary += f"; kept {kept_young} set aside less than {MIN_PRUNE_AGE:g} s ago"
     print(summary)
     return 0
-
-
-def _table(rows: list[list[str]], header: list[str]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
 
 
 def _rel(path: Path, data: Path) -> str:

@@ -203,7 +203,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+def text_table(rows: list[list[str]], header: list[str]) -> list[str]:
+    """Rows under a header, columns padded to their widest cell (CLI tables)."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -278,7 +279,7 @@ def render_status(status: dict[str, Any]) -> str:
     work = status.get("progress") or []
     if work:
         lines.append("")
-        lines += _table(
+        lines += text_table(
             [_progress_row(p) for p in work], ["WORK", "DATABASE", "DONE", "RATE", "PHASE"]
         )
     lines.append("")
@@ -295,7 +296,7 @@ def render_status(status: dict[str, Any]) -> str:
             ]
             for d in status["databases"]
         ]
-        lines += _table(rows, ["DATABASE", "TXID", "CHECKSUM", "MODE", "SIZE", "LAG_MS"])
+        lines += text_table(rows, ["DATABASE", "TXID", "CHECKSUM", "MODE", "SIZE", "LAG_MS"])
     else:
         lines.append("no databases")
     backup = status.get("backup")
@@ -319,7 +320,7 @@ def render_status(status: dict[str, Any]) -> str:
                 for d in backup["databases"]
             ]
             if rows:
-                lines += _table(
+                lines += text_table(
                     rows, ["DATABASE", "UPLOADED", "BEHIND_TXIDS", "BEHIND_MS", "LAST ERROR"]
                 )
     if status["role"] == "primary":
@@ -335,7 +336,7 @@ def render_status(status: dict[str, Any]) -> str:
                 for r in status["replicas"]
                 for d in (r["databases"] or [{"name": "-", "txid": "-"}])
             ]
-            lines += _table(rows, ["REPLICA", "NODE", "DATABASE", "TXID"])
+            lines += text_table(rows, ["REPLICA", "NODE", "DATABASE", "TXID"])
         else:
             lines.append("no replicas connected")
     return "\n".join(lines)
