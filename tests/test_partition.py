@@ -161,8 +161,10 @@ class BridgeEtcd(EtcdServer):
 class NamespacedNode(NodeProcess):
     """A node process inside a network namespace, reached at its own address."""
 
-    def __init__(self, root: Path, name: str, ns: str, address: str, lease: str) -> None:
-        super().__init__(root, name, lease=lease)
+    def __init__(
+        self, root: Path, name: str, ns: str, address: str, lease: str, *, config_extra: str = ""
+    ) -> None:
+        super().__init__(root, name, lease=lease, config_extra=config_extra)
         self.ns = ns
         self.address = address
         self.config_path.write_text(
@@ -318,10 +320,14 @@ def test_partitioned_primary_demotes_before_expiry_and_keeps_its_work_aside(
     nodes: list[NamespacedNode] = []
     try:
         key = f"partition/{uuid.uuid4().hex}/primary"
+        # Every node backs up to the same store (a directory, which the partition does
+        # not cut off: the deposed primary can go on uploading until it demotes).
+        backup_url = (tmp_path / "backup").as_uri()
+        backup = f"backup:\n  url: {backup_url}\n  sync-interval: 200ms\n"
         for name in ("p", "q", "r"):
             ns, address = network.add_namespace()
             lease = etcd_lease(etcd.url, key, name, ttl=f"{TTL:g}s")
-            nodes.append(NamespacedNode(tmp_path, name, ns, address, lease))
+            nodes.append(NamespacedNode(tmp_path, name, ns, address, lease, config_extra=backup))
         p, q, r = nodes
         p.start()
         wait_role(p, "primary")
@@ -364,10 +370,63 @@ def test_partitioned_primary_demotes_before_expiry_and_keeps_its_work_aside(
         kept = aside_values(asides[0] / "database")
         assert unreplicated <= kept
         assert role(new) == "primary"
+
+        # The backup: p's uploads past the fork are a listed branch, never part of
+        # what the new primary's history restores.
+        wait_for(lambda: backed_up(new) >= new.pos(DB)[0], 30, what="the new primary's backup")
+        listing = json.loads(cli("backup", "list", "--url", backup_url, "--json").stdout)
+        (entry,) = listing
+        assert entry["newest"]["txid"] == f"{new.pos(DB)[0]:016x}"
+        p_epoch = {b["epoch"] for b in entry["branches"]}
+        assert entry["branches"] and len(p_epoch) == 1, entry["branches"]
+        restored = tmp_path / "restored.db"
+        res = cli("restore", "--url", backup_url, "--db", DB, "-o", str(restored))
+        assert res.returncode == 0, res.stderr
+        assert aside_values(restored) == final
+        assert not unreplicated & aside_values(restored)
+        # A restore at the branch's newest TXID never gives p's lost writes: that
+        # TXID is either the new primary's (its state then) or past its history.
+        branch_top = max(int(b["max_txid"], 16) for b in entry["branches"])
+        res = cli(
+            "restore",
+            "--url",
+            backup_url,
+            "--db",
+            DB,
+            "-o",
+            str(restored),
+            "--force",
+            "--txid",
+            f"{branch_top:x}",
+        )
+        if branch_top > new.pos(DB)[0]:
+            assert res.returncode == 1 and "past the newest" in res.stderr, res.stderr
+        else:
+            assert res.returncode == 0, res.stderr
+            assert not unreplicated & aside_values(restored)
     finally:
         for node in nodes:
             node.stop()
         etcd.kill()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "litefspy", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def backed_up(node: NamespacedNode) -> int:
+    """The TXID of DB the node's backup has uploaded (0 if none yet)."""
+    status = try_status(node) or {}
+    for entry in (status.get("backup") or {}).get("databases", []):
+        if entry["name"] == DB:
+            return int(entry["uploaded_txid"], 16)
+    return 0
 
 
 def aside_values(path: Path) -> set[int]:
