@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from typing import Any
 
@@ -50,6 +49,7 @@ def add_parsers(sub: Any) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from litefspy.replication.bridge import call_unary, fetch_status
     from litefspy.replication.status import PROMOTE_METHOD
+    from litefspy.supervisor import run_foreground
     from litefspy.v1 import admin_pb2
 
     command = command_after_dashes(args.command)
@@ -82,15 +82,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     if args.with_halt_lock_on:
         return _run_with_halt_lock(url, args.with_halt_lock_on, command)
-    return _run_command(command)
-
-
-def _run_command(command: list[str]) -> int:
-    try:
-        proc = subprocess.run(command, check=False)
-    except OSError as exc:
-        raise LitefspyError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
-    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+    return run_foreground(command)
 
 
 def _run_with_halt_lock(url: str, name: str, command: list[str]) -> int:
@@ -99,6 +91,7 @@ def _run_with_halt_lock(url: str, name: str, command: list[str]) -> int:
 
     from litefspy.halt import HOLD_METHOD
     from litefspy.replication.bridge import CallHandle, RemoteError
+    from litefspy.supervisor import run_foreground
     from litefspy.v1 import halt_pb2
 
     call = CallHandle(url, HOLD_METHOD, halt_pb2.HoldRequest(name=name), halt_pb2.HoldEvent)
@@ -134,7 +127,7 @@ def _run_with_halt_lock(url: str, name: str, command: list[str]) -> int:
 
         threading.Thread(target=watch, name="halt lock", daemon=True).start()
         try:
-            return _run_command(command)
+            return run_foreground(command)
         finally:
             finished.set()
     finally:
