@@ -1,7 +1,7 @@
 """`litefspy import` and `export`: move a whole database through a node's `Data` service.
 
 `--url` defaults to the local node (grpc.addr of fuse.yml, as for `status`).
-Every failure is one line on stderr and exit code 1 (litefspy.cli.main prints the
+Every failure is one line on stderr and exit code 1 (litefspy.cli.entry prints the
 LitefspyError this module raises).
 """
 
