@@ -45,7 +45,7 @@ run-deps: $(VENV)/.stamp-run
 deps venv: $(VENV)/.stamp-dev
 
 run: run-deps
-	$(PY) -m litefspy.devrun
+	$(PY) -m litefspy.cli.devrun
 
 # The suite runs in a private mount namespace without fusectl
 # (/sys/fs/fuse/connections), as on a fresh machine: a machine that happens to

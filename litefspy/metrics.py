@@ -26,9 +26,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from litefspy.http.connection import ClientGone, HTTPConnection
+from litefspy.http.server import serve_http
+from litefspy.http.target import request_path
 from litefspy.logs import kv
-from litefspy.proxy.http11 import ClientGone, HTTPConnection, serve_http
-from litefspy.proxy.routing import request_path
 
 log = logging.getLogger(__name__)
 

@@ -47,6 +47,24 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def run_foreground(argv: Sequence[str]) -> int:
+    """`litefspy run -- CMD`: run `argv` to its end; its exit status (as `exit_status`).
+
+    Unlike `exec:` and `mount -- CMD` (`run_exec`), the command stays in the
+    caller's process group: an interactive command keeps the terminal and
+    Ctrl-C reaches it directly, so nothing is forwarded; and a CLI process has
+    no mount for the command to outlive, so it needs no DeathGuard. A command
+    that cannot be started is a one-line error (exit 1), as for every command.
+    """
+    from litefspy.errors import LitefspyError
+
+    try:
+        proc = subprocess.run(list(argv), check=False)
+    except OSError as exc:
+        raise LitefspyError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+    return exit_status(proc.returncode)
+
+
 class RoleWatch:
     """Wakes waiters when the node's role changes (and re-checks every poll interval)."""
 

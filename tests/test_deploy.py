@@ -332,7 +332,7 @@ def test_make_run_installs_only_what_running_needs() -> None:
         assert test_only not in plan
     assert 'pip install -q -e "."' in plan
     assert "[dev]" not in plan
-    assert plan.rstrip().splitlines()[-1].endswith("-m litefspy.devrun")
+    assert plan.rstrip().splitlines()[-1].endswith("-m litefspy.cli.devrun")
 
 
 def test_make_test_adds_the_test_packages_and_dev_extras() -> None:

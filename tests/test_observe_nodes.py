@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from litefspy.cli_cluster import render_status
+from litefspy.cli.status import render_status
 from litefspy.replication.bridge import fetch_status
 from litefspy.replication.status import status_to_dict
 from tests.cluster import connect, replica_of, status, wait_same_pos

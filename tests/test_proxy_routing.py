@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 
 from litefspy.errors import ConfigError
-from litefspy.proxy.http11 import parse_listen_address
+from litefspy.http.server import parse_listen_address
+from litefspy.http.target import origin_form, request_path
 from litefspy.proxy.routing import (
     Route,
     classify,
     is_upgrade,
-    origin_form,
-    request_path,
     strip_hop_by_hop,
     txid_from_cookies,
     txid_set_cookie,

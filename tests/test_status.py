@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from litefspy.cli_cluster import FALLBACK_URL, default_url
+from litefspy.cli.common import FALLBACK_URL, default_url
 from tests.cluster import connect, replica_of, status, wait_same_pos
 from tests.nodes import NodeProcess, free_port, wait_for
 

@@ -45,7 +45,7 @@ class Node:
     kind: NodeKind
     lookups: int = 0
     retired: bool = False
-    # The mtime the kernel was last told, and when (see ops._shown_mtime).
+    # The mtime the kernel was last told, and when (see attrs.Attributes.shown_mtime).
     shown_mtime_ns: int | None = None
     shown_at: float = 0.0
 

@@ -1,6 +1,6 @@
 """The HTTP proxy in front of the application (see `litefspy.proxy.server`)."""
 
-from litefspy.proxy.http11 import ListenError
+from litefspy.http.server import ListenError
 from litefspy.proxy.routing import HEALTH_PATH, TXID_COOKIE
 from litefspy.proxy.server import (
     DEFAULT_TXID_TIMEOUT,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import fnmatch
 from collections.abc import Iterable, Sequence
-from urllib.parse import unquote, urlsplit
 
 TXID_COOKIE = "__txid"
 HEALTH_PATH = "/litefs/health"
@@ -45,24 +44,6 @@ class Route(enum.Enum):
     HEALTH = "health"  # answered by the proxy
     READ = "read"  # wait for the client's TXID, then the local app
     WRITE = "write"  # primary: local app + cookie; replica: fly-replay or forward
-
-
-def origin_form(target: bytes) -> bytes:
-    """The request target as `/path?query` (absolute-form targets are reduced)."""
-    if target.startswith(b"/"):
-        return target
-    if target == b"*":
-        return target
-    parts = urlsplit(target.decode("latin-1"))
-    path = parts.path or "/"
-    query = f"?{parts.query}" if parts.query else ""
-    return (path + query).encode("latin-1")
-
-
-def request_path(target: bytes) -> str:
-    """The percent-decoded path of a request target, without the query."""
-    path = origin_form(target).split(b"?", 1)[0]
-    return unquote(path.decode("latin-1"))
 
 
 def matches_any(path: str, globs: Sequence[str]) -> bool:

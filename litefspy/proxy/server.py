@@ -40,21 +40,16 @@ import trio
 
 from litefspy.config import ProxyConfig
 from litefspy.errors import ConfigError
+from litefspy.http.connection import RECEIVE_SIZE, ClientGone, HTTPConnection
+from litefspy.http.server import serve_http
+from litefspy.http.target import origin_form, request_path
 from litefspy.logs import kv
-from litefspy.proxy.http11 import (
-    RECEIVE_SIZE,
-    ClientGone,
-    HTTPConnection,
-    serve_http,
-)
 from litefspy.proxy.routing import (
     FORWARDED_HEADER,
     Route,
     classify,
     has_header,
     is_upgrade,
-    origin_form,
-    request_path,
     strip_hop_by_hop,
     txid_from_cookies,
     txid_set_cookie,

@@ -10,6 +10,7 @@ from typing import Any
 import trio
 
 from litefspy import logs
+from litefspy.cli.common import command_after_dashes
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     logs.setup(config.log.format, config.log.debug)
     for warning in config.warnings:
         log.warning("%s", warning)
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    command = command_after_dashes(args.command)
     node = Node(config)
     return trio.run(node.run, command or None)

@@ -1,22 +1,20 @@
-"""HTTP/1.1 server plumbing on trio sockets, driven by h11's state machine.
+"""One HTTP/1.1 client connection on a trio stream, driven by h11's state machine.
 
 h11 does all the HTTP parsing and framing (request line, headers, chunked and
 Content-Length bodies, keep-alive, 100-continue, protocol upgrades); this module
 only moves bytes between it and a trio stream, bounds how long a client may
-take, and turns protocol errors into a clean 4xx and a closed connection. The
-proxy and the metrics endpoint both serve through it.
+take, and turns protocol errors into a clean 4xx and a closed connection.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import cast
 
 import h11
 import trio
 
-from litefspy.errors import ConfigError, LitefspyError
 from litefspy.logs import kv
 
 log = logging.getLogger(__name__)
@@ -37,70 +35,8 @@ MAX_HEAD_SIZE = 64 * 1024
 Headers = list[tuple[bytes, bytes]]
 
 
-class ListenError(LitefspyError):
-    """A server could not bind its configured address."""
-
-
 class ClientGone(Exception):
     """The client closed, reset, stalled or broke the protocol mid-request."""
-
-
-def parse_listen_address(addr: str, key: str) -> tuple[str | None, int]:
-    """`host:port`, `:port` or `[v6]:port` -> (host or None for all interfaces, port).
-
-    Port 0 (any free port) is accepted so tests can bind ephemeral ports.
-    """
-    host, sep, port_text = addr.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ConfigError(f'invalid {key} "{addr}": expected HOST:PORT or :PORT, e.g. ":8080"')
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return (host or None), int(port_text)
-
-
-async def open_listeners(addr: str, key: str) -> list[trio.SocketListener]:
-    """Bind `addr`; a ConfigError/ListenError names the config key on failure."""
-    host, port = parse_listen_address(addr, key)
-    try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ListenError(f"cannot listen on {key} {addr}: {reason}") from None
-
-
-def bound_port(listeners: list[trio.SocketListener]) -> int:
-    """The port the first listener is bound to (useful with port 0)."""
-    port: int = listeners[0].socket.getsockname()[1]
-    return port
-
-
-async def serve_http(
-    addr: str,
-    key: str,
-    handler: Callable[[HTTPConnection], Awaitable[None]],
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Listen on `addr` and run `handler` for every connection until cancelled.
-
-    `task_status.started()` receives the bound port once the socket listens. A
-    handler's unexpected exception is logged and closes only its connection.
-    """
-    listeners = await open_listeners(addr, key)
-    port = bound_port(listeners)
-
-    async def on_connection(stream: trio.SocketStream) -> None:
-        conn = HTTPConnection(stream)
-        try:
-            await handler(conn)
-        except Exception:
-            log.exception("http connection failed %s", kv(listen=key, client=conn.client_ip))
-        finally:
-            await conn.aclose()
-
-    log.info("listening %s", kv(key=key, addr=addr, port=port))
-    task_status.started(port)
-    await trio.serve_listeners(on_connection, listeners)
 
 
 def _peer_ip(stream: trio.SocketStream) -> str:

@@ -1,14 +1,13 @@
-"""`litefspy import`, `export` and `events`: talk to a node's `Data` service.
+"""`litefspy import` and `export`: move a whole database through a node's `Data` service.
 
 `--url` defaults to the local node (grpc.addr of fuse.yml, as for `status`).
-Every failure is one line on stderr and exit code 1 (litefspy.cli prints the
+Every failure is one line on stderr and exit code 1 (litefspy.cli.entry prints the
 LitefspyError this module raises).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from litefspy.cli.common import add_url_args, node_url, remote_message
 from litefspy.errors import DatabaseError, LitefspyError
 from litefspy.progress import interval_from_env
 
@@ -141,8 +141,6 @@ class _NodeWatcher:
 
 def add_parsers(sub: Any) -> None:
     """Register this module's subcommands on the top-level subparsers."""
-    from litefspy.cli_cluster import add_url_args
-
     p = sub.add_parser("import", help="replace or create a database from a SQLite file (primary)")
     p.add_argument("--name", "-name", required=True, help="database name inside the mount")
     p.add_argument("path", metavar="PATH", help="SQLite database file to upload")
@@ -154,28 +152,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("path", metavar="PATH", help="file to write (replaced if it exists)")
     add_url_args(p)
     p.set_defaults(handler=_cmd_export)
-
-    p = sub.add_parser("events", help="print a node's events, one JSON object per line")
-    add_url_args(p)
-    p.set_defaults(handler=_cmd_events)
-
-
-def _url(args: argparse.Namespace) -> str:
-    from litefspy.cli_cluster import default_url
-
-    return str(args.url or default_url(args.config))
-
-
-def remote_message(exc: Exception, url: str) -> str:
-    """The node's own message from a failed call, without the bridge's URL/code wrapping."""
-    from litefspy.replication.bridge import RemoteError
-
-    text = str(exc)
-    if isinstance(exc, RemoteError):
-        prefix, suffix = f"{url} failed the call: ", f" ({exc.code})"
-        if text.startswith(prefix) and text.endswith(suffix):
-            return text[len(prefix) : -len(suffix)]
-    return text
 
 
 # --------------------------------------------------------------------- import
@@ -209,7 +185,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     except DatabaseError as exc:
         raise LitefspyError(f"cannot import {name}: {exc}") from None
     size = path.stat().st_size
-    url = _url(args)
+    url = node_url(args)
     progress = TransferProgress(f"import {name}", size)
     watcher = _NodeWatcher(url, IMPORT, name, progress)
     ok = False
@@ -246,7 +222,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from litefspy.v1 import data_pb2 as pb
 
     name, out = args.name, Path(args.path)
-    url = _url(args)
+    url = node_url(args)
     if not out.parent.is_dir():
         raise LitefspyError(f"cannot export {name}: directory {out.parent} does not exist")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -295,25 +271,3 @@ def _cmd_export(args: argparse.Namespace) -> int:
         tmp.unlink(missing_ok=True)
     print(f"exported {name} to {out}: txid {start.txid:016x}/{start.checksum:016x}")
     return 0
-
-
-# --------------------------------------------------------------------- events
-
-
-def _cmd_events(args: argparse.Namespace) -> int:
-    return follow_events(_url(args))
-
-
-def follow_events(url: str) -> int:
-    """Print the node's events as NDJSON until it ends the stream (an error) or Ctrl-C."""
-    from litefspy.events import EVENTS_METHOD, event_to_json
-    from litefspy.replication.bridge import RemoteError, call_server_stream
-    from litefspy.v1 import data_pb2 as pb
-
-    try:
-        for event in call_server_stream(url, EVENTS_METHOD, pb.EventsRequest(), pb.Event, None):
-            sys.stdout.write(json.dumps(event_to_json(event)) + "\n")
-            sys.stdout.flush()
-    except RemoteError as exc:
-        raise LitefspyError(f"events: {remote_message(exc, url)}") from None
-    raise LitefspyError(f"events: the node at {url} ended the stream")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from litefspy.cli_cluster import text_table
+from litefspy.cli.common import text_table
 from litefspy.errors import ConfigError, LitefspyError
 
 

@@ -30,19 +30,20 @@ def _cmd_version(_args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the full parser; each subcommand module registers its own arguments."""
-    from litefspy import cli_aside, cli_backup, cli_cluster, cli_data, cli_ltx, cli_mount
+    from litefspy.cli import aside, backup, cluster, data, ltx, mount, status
 
     parser = _Parser(prog="litefspy", description="Replicated SQLite through FUSE.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(handler=_cmd_version)
-    cli_mount.add_parsers(sub)
-    cli_cluster.add_parsers(sub)
-    cli_ltx.add_parsers(sub)
-    cli_data.add_parsers(sub)
-    cli_backup.add_parsers(sub)
-    cli_aside.add_parsers(sub)
+    mount.add_parsers(sub)
+    status.add_parsers(sub)
+    cluster.add_parsers(sub)
+    ltx.add_parsers(sub)
+    data.add_parsers(sub)
+    backup.add_parsers(sub)
+    aside.add_parsers(sub)
     return parser
 
 
