@@ -87,8 +87,8 @@ def default_url(config_path: str | None = None) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from litefspy.replication.bridge import call_unary, fetch_status
     from litefspy.replication.status import PROMOTE_METHOD
+    from litefspy.rpc.client import call_unary, fetch_status
     from litefspy.v1 import admin_pb2
 
     command = list(args.command)
@@ -140,7 +140,8 @@ def _run_with_halt_lock(url: str, name: str, command: list[str]) -> int:
 
     from litefspy.cli_data import remote_message
     from litefspy.halt import HOLD_METHOD
-    from litefspy.replication.bridge import CallHandle, RemoteError
+    from litefspy.rpc.client import CallHandle
+    from litefspy.rpc.errors import RemoteError
     from litefspy.v1 import halt_pb2
 
     call = CallHandle(url, HOLD_METHOD, halt_pb2.HoldRequest(name=name), halt_pb2.HoldEvent)
@@ -184,8 +185,8 @@ def _run_with_halt_lock(url: str, name: str, command: list[str]) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from litefspy.replication.bridge import fetch_status
     from litefspy.replication.status import status_to_dict
+    from litefspy.rpc.client import fetch_status
 
     url = args.url or default_url(args.config)
     status = status_to_dict(fetch_status(url))

@@ -126,7 +126,8 @@ class _NodeWatcher:
             self._thread.join(timeout=POLL_INTERVAL * 2)
 
     def _run(self) -> None:
-        from litefspy.replication.bridge import RemoteError, fetch_status
+        from litefspy.rpc.client import fetch_status
+        from litefspy.rpc.errors import RemoteError
 
         while not self._stop.wait(POLL_INTERVAL):
             try:
@@ -168,7 +169,7 @@ def _url(args: argparse.Namespace) -> str:
 
 def remote_message(exc: Exception, url: str) -> str:
     """The node's own message from a failed call, without the bridge's URL/code wrapping."""
-    from litefspy.replication.bridge import RemoteError
+    from litefspy.rpc.errors import RemoteError
 
     text = str(exc)
     if isinstance(exc, RemoteError):
@@ -198,7 +199,8 @@ def _upload(
 def _cmd_import(args: argparse.Namespace) -> int:
     from litefspy.dataservice import IMPORT_METHOD
     from litefspy.progress import IMPORT
-    from litefspy.replication.bridge import RemoteError, call_client_stream
+    from litefspy.rpc.client import call_client_stream
+    from litefspy.rpc.errors import RemoteError
     from litefspy.store.store import validate_sqlite_file
     from litefspy.v1 import data_pb2 as pb
 
@@ -242,7 +244,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from litefspy.dataservice import EXPORT_METHOD
     from litefspy.ltx.files import fsync_dir
     from litefspy.progress import EXPORT
-    from litefspy.replication.bridge import RemoteError, call_server_stream
+    from litefspy.rpc.client import call_server_stream
+    from litefspy.rpc.errors import RemoteError
     from litefspy.v1 import data_pb2 as pb
 
     name, out = args.name, Path(args.path)
@@ -307,7 +310,8 @@ def _cmd_events(args: argparse.Namespace) -> int:
 def follow_events(url: str) -> int:
     """Print the node's events as NDJSON until it ends the stream (an error) or Ctrl-C."""
     from litefspy.events import EVENTS_METHOD, event_to_json
-    from litefspy.replication.bridge import RemoteError, call_server_stream
+    from litefspy.rpc.client import call_server_stream
+    from litefspy.rpc.errors import RemoteError
     from litefspy.v1 import data_pb2 as pb
 
     try:

@@ -22,7 +22,8 @@ import trio
 from litefspy.errors import DatabaseError, NotFoundError
 from litefspy.logs import kv
 from litefspy.progress import EXPORT, IMPORT, Progress
-from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
+from litefspy.rpc.errors import Code, RPCRefused
+from litefspy.rpc.server import GRPCServer
 from litefspy.store.database import Position
 from litefspy.store.store import valid_database_name
 from litefspy.v1 import data_pb2 as pb

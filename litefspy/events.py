@@ -32,7 +32,8 @@ import trio
 from litefspy.errors import LitefspyError, NotFoundError
 from litefspy.logs import kv
 from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
-from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
+from litefspy.rpc.errors import Code, RPCRefused
+from litefspy.rpc.server import GRPCServer
 from litefspy.store.database import CommitInfo
 from litefspy.v1 import data_pb2 as pb
 

@@ -41,16 +41,9 @@ import trio
 from litefspy.dataservice import CHUNK_SIZE, next_or_none, receive_file
 from litefspy.errors import DatabaseError, ForwardError, LTXError, ReplicationError
 from litefspy.logs import kv
-from litefspy.replication.bridge import (
-    Client,
-    Code,
-    GRPCServer,
-    MessageStream,
-    RemoteError,
-    RPCRefused,
-    acall_unary,
-    open_server_stream,
-)
+from litefspy.rpc.client import Client, MessageStream, acall_unary, open_server_stream
+from litefspy.rpc.errors import Code, RemoteError, RPCRefused
+from litefspy.rpc.server import GRPCServer
 from litefspy.store.store import Halt, valid_database_name
 from litefspy.v1 import halt_pb2 as pb
 

@@ -53,8 +53,6 @@ from litefspy.lease.static import StaticLeaser
 from litefspy.logs import kv
 from litefspy.metrics import ReplicaLink, ReplicationStats
 from litefspy.progress import SNAPSHOT_RECEIVE
-from litefspy.replication import bridge
-from litefspy.replication.bridge import Code, Frame, GRPCServer, RPCRefused
 from litefspy.replication.client import ReplicaIdentity, ReplicationClient
 from litefspy.replication.identity import (
     load_cluster_id,
@@ -76,6 +74,10 @@ from litefspy.replication.status import (
     RoleSnapshot,
     StatusService,
 )
+from litefspy.rpc import client as rpc_client
+from litefspy.rpc.errors import Code, RPCRefused
+from litefspy.rpc.methods import Frame
+from litefspy.rpc.server import GRPCServer
 from litefspy.store.database import Position
 from litefspy.store.store import Store
 from litefspy.v1 import admin_pb2, replication_pb2
@@ -1142,7 +1144,7 @@ class Node:
                     id=self.me.node_id, hostname=self.hostname, advertise_url=self.advertise_url
                 )
             )
-            reply = await bridge.acall_unary(
+            reply = await rpc_client.acall_unary(
                 url,
                 HANDOFF_METHOD,
                 request,

@@ -16,7 +16,7 @@ from litefspy.config import Config
 from litefspy.errors import LitefspyError
 from litefspy.fuse.ops import Operations
 from litefspy.metrics import ReplicationStats
-from litefspy.replication.bridge import GRPCServer
+from litefspy.rpc.server import GRPCServer
 from litefspy.store.store import Store
 
 if TYPE_CHECKING:

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from litefspy.replication.bridge import (
-    Code,
-    GRPCServer,
-    RemoteError,
-    RPCRefused,
-    acall_unary,
-    call_client_stream,
-    call_server_stream,
-    call_unary,
-)
+from litefspy.rpc.client import acall_unary, call_client_stream, call_server_stream, call_unary
+from litefspy.rpc.errors import Code, RemoteError, RPCRefused
+from litefspy.rpc.server import GRPCServer
 from litefspy.v1.replication_pb2 import Heartbeat, Position
 from tests.nodes import free_port
 
@@ -91,7 +84,7 @@ async def test_generic_rpcs_round_trip() -> None:
 async def test_while_starting_only_status_answers() -> None:
     """A node checking its databases at startup answers Status; every other RPC is
     UNAVAILABLE with the reason until it is done."""
-    from litefspy.replication.bridge import fetch_status
+    from litefspy.rpc.client import fetch_status
     from litefspy.v1.admin_pb2 import StatusReply
 
     port = free_port()

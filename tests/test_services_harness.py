@@ -24,7 +24,8 @@ from litefspy.config import Config
 from litefspy.fuse.mount import serve
 from litefspy.fuse.ops import Operations
 from litefspy.metrics import ReplicationStats
-from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
+from litefspy.rpc.errors import Code, RPCRefused
+from litefspy.rpc.server import GRPCServer
 from litefspy.store.store import Store
 from tests.mounted import attach_store
 from tests.nodes import free_port

@@ -1,0 +1,20 @@
+"""RPC method names (from the service descriptors) and shared channel settings."""
+
+from __future__ import annotations
+
+from litefspy.v1 import admin_pb2, replication_pb2
+
+REPLICATION_SERVICE = replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+STREAM_METHOD = f"/{REPLICATION_SERVICE}/Stream"
+STATUS_METHOD = f"/{ADMIN_SERVICE}/Status"
+DEFAULT_PORT = 20202
+# Messages queued between the trio side and gRPC. Small: a frame can be 1 MiB.
+CHANNEL_DEPTH = 2
+# Both ends accept messages up to this size.
+MESSAGE_LIMIT_OPTIONS = [
+    ("grpc.max_send_message_length", 8 << 20),
+    ("grpc.max_receive_message_length", 8 << 20),
+]
+
+Frame = replication_pb2.StreamFrame
