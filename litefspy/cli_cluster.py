@@ -87,8 +87,8 @@ def default_url(config_path: str | None = None) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from litefspy.replication.status import PROMOTE_METHOD
     from litefspy.rpc.client import call_unary, fetch_status
+    from litefspy.rpc.methods import PROMOTE_METHOD
     from litefspy.v1 import admin_pb2
 
     command = list(args.command)
@@ -135,11 +135,11 @@ def _run_command(command: list[str]) -> int:
 
 
 def _run_with_halt_lock(url: str, name: str, command: list[str]) -> int:
-    """Run `command` while the node at `url` holds the halt lock on `name` (litefspy.halt)."""
+    """Run `command` while the node at `url` holds the halt lock on `name` (litefspy.api.halt)."""
     import threading
 
+    from litefspy.api.halt import HOLD_METHOD
     from litefspy.cli_data import remote_message
-    from litefspy.halt import HOLD_METHOD
     from litefspy.rpc.client import CallHandle
     from litefspy.rpc.errors import RemoteError
     from litefspy.v1 import halt_pb2
@@ -185,8 +185,8 @@ def _run_with_halt_lock(url: str, name: str, command: list[str]) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from litefspy.replication.status import status_to_dict
     from litefspy.rpc.client import fetch_status
+    from litefspy.rpc.convert import status_to_dict
 
     url = args.url or default_url(args.config)
     status = status_to_dict(fetch_status(url))

@@ -185,7 +185,7 @@ def remote_message(exc: Exception, url: str) -> str:
 def _upload(
     path: Path, name: str, size: int, progress: TransferProgress, uploaded: _NodeWatcher
 ) -> Iterator[Any]:
-    from litefspy.dataservice import CHUNK_SIZE
+    from litefspy.api.data import CHUNK_SIZE
     from litefspy.v1 import data_pb2 as pb
 
     yield pb.ImportRequest(start=pb.ImportStart(name=name, size=size))
@@ -197,7 +197,7 @@ def _upload(
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from litefspy.dataservice import IMPORT_METHOD
+    from litefspy.api.data import IMPORT_METHOD
     from litefspy.progress import IMPORT
     from litefspy.rpc.client import call_client_stream
     from litefspy.rpc.errors import RemoteError
@@ -241,7 +241,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from litefspy.dataservice import EXPORT_METHOD
+    from litefspy.api.data import EXPORT_METHOD
     from litefspy.ltx.files import fsync_dir
     from litefspy.progress import EXPORT
     from litefspy.rpc.client import call_server_stream
@@ -309,7 +309,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
 def follow_events(url: str) -> int:
     """Print the node's events as NDJSON until it ends the stream (an error) or Ctrl-C."""
-    from litefspy.events import EVENTS_METHOD, event_to_json
+    from litefspy.api.events import EVENTS_METHOD, event_to_json
     from litefspy.rpc.client import call_server_stream
     from litefspy.rpc.errors import RemoteError
     from litefspy.v1 import data_pb2 as pb

@@ -37,12 +37,16 @@ import math
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from litefspy import services
+from litefspy import api, supervisor
+from litefspy.api.admin import NodeDescription, RoleSnapshot, StatusService
+from litefspy.cluster.adapters import NodeMetricsSource, NodeProxyState, local_txid
+from litefspy.cluster.view import NodeView
 from litefspy.config import Config, split_host_port
 from litefspy.errors import ConfigError, LeaseError, LitefspyError
 from litefspy.fuse.mount import serve
@@ -51,8 +55,9 @@ from litefspy.lease.base import HandoffToken, Lease, Leaser, LeaseState, Primary
 from litefspy.lease.etcd import EtcdLease, EtcdLeaser
 from litefspy.lease.static import StaticLeaser
 from litefspy.logs import kv
-from litefspy.metrics import ReplicaLink, ReplicationStats
+from litefspy.metrics import Metrics, ReplicaLink, ReplicationStats
 from litefspy.progress import SNAPSHOT_RECEIVE
+from litefspy.proxy import TxidWaiters, serve_proxy
 from litefspy.replication.client import ReplicaIdentity, ReplicationClient
 from litefspy.replication.identity import (
     load_cluster_id,
@@ -67,16 +72,9 @@ from litefspy.replication.server import (
     ReplicationServer,
     SendTotals,
 )
-from litefspy.replication.status import (
-    HANDOFF_METHOD,
-    PROMOTE_METHOD,
-    NodeDescription,
-    RoleSnapshot,
-    StatusService,
-)
 from litefspy.rpc import client as rpc_client
 from litefspy.rpc.errors import Code, RPCRefused
-from litefspy.rpc.methods import Frame
+from litefspy.rpc.methods import HANDOFF_METHOD, PROMOTE_METHOD, Frame
 from litefspy.rpc.server import GRPCServer
 from litefspy.store.database import Position
 from litefspy.store.store import Store
@@ -157,7 +155,7 @@ class _MountView:
 class Node:
     """One litefspy process: one store, one mount, one gRPC server, a role that changes.
 
-    Satisfies `litefspy.services.NodeView`.
+    Satisfies `litefspy.cluster.view.NodeView`.
     """
 
     def __init__(self, config: Config) -> None:
@@ -432,7 +430,7 @@ class Node:
                     # the mount exists no application can hold a SQLite lock, so
                     # the RPCs that take locks through it need none.
                     grpc_server = self._grpc_server()
-                    services.register_rpcs(self, grpc_server)
+                    api.register_rpcs(self, grpc_server)
                     self._starting = grpc_server.starting = "checking its databases"
                     await nursery.start(grpc_server.serve)
                     await trio.to_thread.run_sync(self.store.open)
@@ -464,7 +462,7 @@ class Node:
                     if self.backup is not None:
                         self.on_role_change(self.backup.role_changed)
                         nursery.start_soon(self.backup.run)
-                    await nursery.start(services.serve_extras, self)
+                    await nursery.start(serve_extras, self)
                     log.info(
                         "node ready %s",
                         kv(
@@ -484,7 +482,7 @@ class Node:
                             exit_code = await self._supervise(command, signals)
                     elif self.config.exec:
                         # fuse.yml `exec:`: the node stops when the last command exits.
-                        exit_code = await services.run_exec(self, signals)
+                        exit_code = await supervisor.run_exec(self, signals)
                     else:
                         await self._wait_for_signal(signals)
                     await self._shutdown(grpc_server)
@@ -1293,6 +1291,50 @@ class Node:
             nursery.cancel_scope.cancel()
         log.info("command exited %s", kv(code=code))
         return code if code >= 0 else 128 - code
+
+
+async def serve_extras(
+    node: NodeView, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the optional services (proxy, metrics) until cancelled.
+
+    `task_status.started()` is reported once every enabled listener is bound; a
+    bad `proxy.*` / `metrics.addr` or a port in use raises (ConfigError /
+    ListenError) before that, so the node fails to start with that message.
+    """
+    config = node.config
+    store = node.store
+    unsubscribe: list[Callable[[], None]] = []
+    failed: LitefspyError | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                metrics: Metrics | None = None
+                if config.metrics.enabled:
+                    source = NodeMetricsSource(node)
+                    unsubscribe.append(store.subscribe(source.on_commit))
+                    metrics = Metrics(source)
+                    await nursery.start(partial(metrics.serve, config.metrics.addr))
+                    node.ops.enable_timing(metrics.observe_fuse)
+                    nursery.start_soon(source.run_recount)
+                if config.proxy.enabled:
+                    waiters = TxidWaiters(lambda db: local_txid(store, db))
+                    unsubscribe.append(store.subscribe(waiters.notify))
+                    state = NodeProxyState(node, waiters)
+                    observe = metrics.observe_proxy if metrics is not None else None
+                    await nursery.start(partial(serve_proxy, config.proxy, state, observe=observe))
+            except LitefspyError as exc:
+                # Raised unwrapped (not in an ExceptionGroup) so the node can print it.
+                failed = exc
+                nursery.cancel_scope.cancel()
+            else:
+                task_status.started()
+                await trio.sleep_forever()
+    finally:
+        for stop in unsubscribe:
+            stop()
+    if failed is not None:
+        raise failed
 
 
 async def _first_of(*events: trio.Event) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from litefspy.dataservice import IMPORT_METHOD
+from litefspy.api.data import IMPORT_METHOD
 from litefspy.rpc.client import call_client_stream
 from litefspy.rpc.errors import RemoteError
 from litefspy.v1 import data_pb2 as pb

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from litefspy import services
+from litefspy import api
 from litefspy.config import Config
 from litefspy.fuse.mount import serve
 from litefspy.fuse.ops import Operations
@@ -131,7 +131,7 @@ async def mounted_node(root: Path, **config_extra: Any) -> AsyncIterator[Mounted
     server = GRPCServer(
         config.grpc.listen_address, stream_handler=_unused_stream, status_handler=_unused_stream
     )
-    services.register_rpcs(node, server)
+    api.register_rpcs(node, server)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: serve(ops, mnt, task_status=task_status))
         await nursery.start(attach_store, store, mnt, ops)

@@ -8,6 +8,8 @@ REPLICATION_SERVICE = replication_pb2.DESCRIPTOR.services_by_name["Replication"]
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 STREAM_METHOD = f"/{REPLICATION_SERVICE}/Stream"
 STATUS_METHOD = f"/{ADMIN_SERVICE}/Status"
+PROMOTE_METHOD = f"/{ADMIN_SERVICE}/Promote"
+HANDOFF_METHOD = f"/{ADMIN_SERVICE}/Handoff"
 DEFAULT_PORT = 20202
 # Messages queued between the trio side and gRPC. Small: a frame can be 1 MiB.
 CHANNEL_DEPTH = 2

@@ -34,11 +34,11 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
-from litefspy.dataservice import CHUNK_SIZE, next_or_none, receive_file
+from litefspy.api.data import CHUNK_SIZE, next_or_none, receive_file
+from litefspy.cluster.view import NodeView
 from litefspy.errors import DatabaseError, ForwardError, LTXError, ReplicationError
 from litefspy.logs import kv
 from litefspy.rpc.client import Client, MessageStream, acall_unary, open_server_stream
@@ -46,9 +46,6 @@ from litefspy.rpc.errors import Code, RemoteError, RPCRefused
 from litefspy.rpc.server import GRPCServer
 from litefspy.store.store import Halt, valid_database_name
 from litefspy.v1 import halt_pb2 as pb
-
-if TYPE_CHECKING:
-    from litefspy.services import NodeView
 
 log = logging.getLogger(__name__)
 

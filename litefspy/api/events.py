@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from litefspy.cluster.view import NodeView
 from litefspy.errors import LitefspyError, NotFoundError
 from litefspy.logs import kv
 from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
@@ -39,7 +40,6 @@ from litefspy.v1 import data_pb2 as pb
 
 if TYPE_CHECKING:
     from litefspy.backup.uploader import BackupProgress
-    from litefspy.services import NodeView
 
 log = logging.getLogger(__name__)
 

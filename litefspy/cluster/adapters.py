@@ -14,10 +14,11 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from litefspy.cluster.view import NodeView
 from litefspy.config import split_host_port
 from litefspy.errors import NotFoundError
 from litefspy.logs import kv
@@ -25,9 +26,6 @@ from litefspy.metrics import DbStats, ReplicaLink, ReplicationStats
 from litefspy.proxy import TxidWaiters
 from litefspy.store.database import CommitInfo, Database
 from litefspy.store.store import Store
-
-if TYPE_CHECKING:
-    from litefspy.services import NodeView
 
 log = logging.getLogger(__name__)
 

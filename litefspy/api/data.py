@@ -15,10 +15,11 @@ import secrets
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from litefspy.cluster.view import NodeView
 from litefspy.errors import DatabaseError, NotFoundError
 from litefspy.logs import kv
 from litefspy.progress import EXPORT, IMPORT, Progress
@@ -27,9 +28,6 @@ from litefspy.rpc.server import GRPCServer
 from litefspy.store.database import Position
 from litefspy.store.store import valid_database_name
 from litefspy.v1 import data_pb2 as pb
-
-if TYPE_CHECKING:
-    from litefspy.services import NodeView
 
 log = logging.getLogger(__name__)
 
