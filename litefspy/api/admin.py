@@ -1,10 +1,10 @@
-"""`Admin.Status`: what a node reports about itself, and its JSON form.
+"""The Admin service: `Status` (what a node reports about itself), `Promote`, `Handoff`.
 
 `StatusService.reply` builds the protobuf reply on the node (trio side);
-`status_to_dict` turns a reply into the object `litefspy status --json` prints
-(docs/INTERFACE.md), so the CLI and tests share one definition of the fields.
-The other Admin methods (`Promote`, `Handoff`) are served by the node; their
-full names are here so that the node and the CLI share them.
+`litefspy.rpc.convert.status_to_dict` turns a reply into the object
+`litefspy status --json` prints (docs/INTERFACE.md).
+`AdminService` serves the other Admin methods (`Promote`, `Handoff`), which
+delegate to `litefspy.cluster.handoff`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from typing import Any
 
 import trio
 
+from litefspy.cluster.handoff import PROMOTE_TIMEOUT, Handoffs
+from litefspy.cluster.state import RoleSnapshot
 from litefspy.errors import SQLiteFormatError
-from litefspy.replication.client import ReplicationClient
-from litefspy.replication.server import ReplicationServer
+from litefspy.lease.base import PrimaryInfo
+from litefspy.rpc.errors import Code, RPCRefused
+from litefspy.rpc.methods import HANDOFF_METHOD, PROMOTE_METHOD
+from litefspy.rpc.server import GRPCServer
 from litefspy.sqlite.header import HEADER_SIZE, parse_database_header
 from litefspy.store.database import Database, FileKind
 from litefspy.store.store import Store
@@ -35,28 +39,6 @@ class NodeDescription:
     hostname: str
     advertise_url: str
     lease_type: str
-
-
-@dataclass(frozen=True)
-class RoleSnapshot:
-    """The node's role and lease at one moment (the node builds it on each request).
-
-    `server` is set while this node is the primary, `client` while it follows
-    one (or waits for one). `expires_in_ms` is None unless this node holds a
-    lease that expires; `holder` is the hostname the lease engine names (None
-    when unknown or for a static lease).
-    """
-
-    role: str
-    epoch: int
-    cluster_id: str
-    candidate: bool
-    server: ReplicationServer | None = None
-    client: ReplicationClient | None = None
-    expires_in_ms: int | None = None
-    holder: str | None = None
-    # (ready, why not): see Node.readiness.
-    ready: tuple[bool, str] = (True, "")
 
 
 @dataclass(frozen=True)
@@ -271,3 +253,45 @@ def _facts(db: Database) -> _DatabaseFacts:
         database=db.path(FileKind.DATABASE),
         journal=db.path(FileKind.JOURNAL),
     )
+
+
+class AdminService:
+    """`Admin.Promote` and `Admin.Handoff`: parse the request, ask `Handoffs`, reply."""
+
+    def __init__(self, handoffs: Handoffs) -> None:
+        self.handoffs = handoffs
+
+    def register(self, server: GRPCServer) -> None:
+        """Add Promote and Handoff to the server (Status is its built-in handler)."""
+        server.add_unary(PROMOTE_METHOD, self.promote, pb.PromoteRequest, pb.PromoteReply)
+        server.add_unary(HANDOFF_METHOD, self.handoff, pb.HandoffRequest, pb.HandoffReply)
+
+    async def promote(self, request: pb.PromoteRequest) -> pb.PromoteReply:
+        """Target side of `litefspy run --promote`: become primary through a handoff."""
+        cluster = self.handoffs.cluster
+        if cluster.is_primary():
+            return pb.PromoteReply(already_primary=True, epoch=cluster.lease_epoch())
+        previous = await self.handoffs.promote(request.timeout_seconds or PROMOTE_TIMEOUT)
+        return pb.PromoteReply(epoch=cluster.lease_epoch(), previous_primary=previous)
+
+    async def handoff(self, request: pb.HandoffRequest) -> pb.HandoffReply:
+        """Primary side: stop writes, let the target catch up, hand it the lease."""
+        self.handoffs.check_primary()
+        try:
+            target_id = int(request.target.id, 16)
+        except ValueError:
+            raise RPCRefused(
+                Code.INVALID_ARGUMENT, f"invalid node id {request.target.id!r}"
+            ) from None
+        target = PrimaryInfo(
+            hostname=request.target.hostname,
+            advertise_url=request.target.advertise_url,
+            node_id=request.target.id,
+        )
+        token, positions = await self.handoffs.hand_off(target_id, target)
+        return pb.HandoffReply(
+            token=token.to_json(),
+            positions=[
+                pb.HandoffPosition(name=p.name, txid=p.txid, checksum=p.checksum) for p in positions
+            ],
+        )
