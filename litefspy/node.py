@@ -19,7 +19,7 @@ import trio
 
 from litefspy import api, supervisor
 from litefspy.api.admin import AdminService, NodeDescription, StatusService
-from litefspy.cluster.adapters import NodeMetricsSource, NodeProxyState, local_txid
+from litefspy.cluster.adapters import MountView, NodeMetricsSource, NodeProxyState, local_txid
 from litefspy.cluster.handoff import Handoffs
 from litefspy.cluster.identity import ClusterMismatchError
 from litefspy.cluster.roles import Cluster
@@ -33,7 +33,7 @@ from litefspy.lease.base import Leaser, PrimaryInfo
 from litefspy.lease.etcd import EtcdLeaser
 from litefspy.lease.static import StaticLeaser
 from litefspy.logs import kv
-from litefspy.metrics import Metrics, ReplicaLink, ReplicationStats
+from litefspy.metrics import Metrics, ReplicationStats
 from litefspy.proxy import TxidWaiters, serve_proxy
 from litefspy.replication.client import ReplicaIdentity, ReplicationClient
 from litefspy.replication.identity import load_cluster_id
@@ -48,24 +48,6 @@ log = logging.getLogger(__name__)
 
 # How long replicas get to receive the End frame, and RPCs to finish, at shutdown.
 SHUTDOWN_GRACE = 1.0
-
-
-class _MountView:
-    """What `.primary` and `.lag` show (fuse.ops.ClusterView)."""
-
-    def __init__(self, node: Node) -> None:
-        self._node = node
-
-    def primary_hostname(self) -> str | None:
-        node = self._node
-        return None if node.is_primary() else node.client.primary_hostname()
-
-    def lag_ms(self) -> int:
-        return self._node.lag_ms()
-
-    def not_ready_reason(self) -> str | None:
-        node = self._node
-        return None if node.readiness()[0] else node.not_ready_reason()
 
 
 class Node:
@@ -114,10 +96,10 @@ class Node:
             reconnect_delay=lease.reconnect_delay,
             epoch_scope=epoch_scope,
         )
-        self.ops = Operations(self.store, _MountView(self))
         self.cluster = Cluster(
             config, self.store, self.client, self.me, asked_for=lambda: self.ops.not_replicated
         )
+        self.ops = Operations(self.store, MountView(self.cluster))
         self.handoffs = Handoffs(self.cluster)
         self.client.on_handoff = self.handoffs.on_handoff_frame
         self.backup: BackupRunner | None = None
@@ -187,21 +169,7 @@ class Node:
 
     def replication_stats(self) -> ReplicationStats:
         """Both sides of replication since start (metrics)."""
-        cluster = self.cluster
-        totals, stats = cluster.send_totals, self.client.stats
-        server = cluster.server if self.is_primary() else None
-        return ReplicationStats(
-            files_sent=totals.files,
-            snapshots_sent=totals.snapshots,
-            bytes_sent=totals.bytes,
-            send_errors=totals.errors,
-            replicas=[ReplicaLink(s.hostname, True) for s in (server.sessions if server else [])],
-            connected_to_primary=not self.is_primary() and self.client.connected,
-            files_applied=stats.files_applied,
-            snapshots_applied=stats.snapshots_applied,
-            bytes_received=stats.bytes_received,
-            receive_errors=stats.errors,
-        )
+        return self.cluster.replication_stats()
 
     def backup_report(self) -> dict[str, Any] | None:
         """The backup's state for status and metrics; None when backup.url is unset."""
@@ -217,7 +185,7 @@ class Node:
     async def run(self, command: Sequence[str] | None = None) -> int:
         """Serve until SIGINT/SIGTERM (or until `command` exits); return the exit code."""
         if self.backup is not None and self.config.backup.restore_if_empty:
-            await self._restore_if_empty(self.backup)
+            await self.backup.restore_if_empty(self.store.dbs_dir)
         mountpoint = Path(self.config.fuse.dir)
         exit_code = 0
         try:
@@ -236,8 +204,8 @@ class Node:
                     # Only the primary writes: a static candidate is it by
                     # configuration (writable from the first access); any other
                     # node waits for the lease.
-                    self.store.set_writable(self.config.lease.type == "static" and self.candidate)
                     self.leaser = self.cluster.leaser = self._build_leaser()
+                    self.store.set_writable(self.leaser.fixed_primary and self.candidate)
                     self.cluster.starting = grpc_server.starting = None
                     await nursery.start(
                         lambda task_status: serve(
@@ -296,51 +264,6 @@ class Node:
                     await self.leaser.aclose()
             self.store.close()
         return exit_code
-
-    async def _restore_if_empty(self, backup: BackupRunner) -> None:
-        """backup.restore-if-empty: a node with no databases restores every one first.
-
-        The "every machine was lost" path: before this node serves or asks for
-        the lease. An unreachable store stops the start (one line): serving an
-        empty data.dir as if it were the data would be worse.
-        """
-        from litefspy.backup.restore import (
-            describe,
-            list_databases,
-            record_deletion_in_data_dir,
-            restore_into_data_dir,
-        )
-
-        dbs = self.store.dbs_dir
-        if any(p.is_dir() for p in dbs.iterdir()):
-            return
-        target = backup.target
-        try:
-            names = await trio.to_thread.run_sync(list_databases, target)
-            for name in names:
-                found = await trio.to_thread.run_sync(describe, target, name)
-                if found.deleted is not None:
-                    # Deleted on the primary: bringing it back would undo the deletion.
-                    # Its history (the deletion) is kept, so that TXIDs go on from it.
-                    await trio.to_thread.run_sync(
-                        record_deletion_in_data_dir, target, dbs, name, found.deleted
-                    )
-                    log.info(
-                        "backup.restore-if-empty: database was deleted; not restored %s",
-                        kv(db=name, txid=f"{found.deleted.max_txid:016x}"),
-                    )
-                    continue
-                result = await trio.to_thread.run_sync(restore_into_data_dir, target, dbs, name)
-                log.info(
-                    "restored database from the backup %s",
-                    kv(db=name, txid=f"{result.txid:016x}", objects=result.files),
-                )
-        except LitefspyError as exc:
-            raise LitefspyError(
-                f"backup.restore-if-empty: {exc}; not starting with an empty data.dir"
-            ) from None
-        if not names:
-            log.info("backup.restore-if-empty: the backup holds no databases yet")
 
     def _build_leaser(self) -> Leaser:
         lease = self.config.lease

@@ -1,7 +1,9 @@
-"""What the proxy and the metrics endpoint need, computed from a `NodeView`.
+"""What the mount, the proxy and the metrics endpoint need, computed from the node.
 
-`NodeProxyState` implements `litefspy.proxy.ProxyState`; `NodeMetricsSource`
-implements `litefspy.metrics.NodeMetricsSource`. Both answer on the trio
+`MountView` implements `litefspy.fuse.ops.ClusterView` (what `.primary` and
+`.lag` show); `NodeProxyState` implements `litefspy.proxy.ProxyState`;
+`NodeMetricsSource` implements `litefspy.metrics.NodeMetricsSource`. The
+last two read a `NodeView` and answer on the trio
 thread from memory: the proxy's TXID waits are woken by store commits, and
 the metrics' LTX file counts are kept up to date by commit notifications plus
 a periodic recount in a worker thread (retention removes files), so a scrape
@@ -18,6 +20,7 @@ from typing import Any
 
 import trio
 
+from litefspy.cluster.roles import Cluster
 from litefspy.cluster.view import NodeView
 from litefspy.config import split_host_port
 from litefspy.errors import NotFoundError
@@ -31,6 +34,24 @@ log = logging.getLogger(__name__)
 
 # How often the LTX file counts and sizes are recounted from disk.
 LTX_RECOUNT_INTERVAL = 10.0
+
+
+class MountView:
+    """What `.primary` and `.lag` show (`litefspy.fuse.ops.ClusterView`)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def primary_hostname(self) -> str | None:
+        cluster = self._cluster
+        return None if cluster.is_primary() else cluster.client.primary_hostname()
+
+    def lag_ms(self) -> int:
+        return self._cluster.lag_ms()
+
+    def not_ready_reason(self) -> str | None:
+        cluster = self._cluster
+        return None if cluster.readiness()[0] else cluster.not_ready_reason()
 
 
 def local_txid(store: Store, name: str) -> int:

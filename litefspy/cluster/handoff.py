@@ -78,7 +78,7 @@ class Handoffs:
                 Code.FAILED_PRECONDITION,
                 f"{cluster.hostname} cannot become primary: lease.candidate is false",
             )
-        if cluster.config.lease.type == "static":
+        if cluster.fixed_primary():
             raise RPCRefused(
                 Code.FAILED_PRECONDITION,
                 "cannot promote: lease.type is static, the primary is fixed by configuration "
@@ -133,7 +133,7 @@ class Handoffs:
     async def auto_promote(self) -> None:
         """`lease.promote: true`: once caught up with a primary, ask it for the lease."""
         cluster = self.cluster
-        if cluster.config.lease.type == "static":
+        if cluster.fixed_primary():
             log.warning("lease.promote has no effect with lease.type static")
             return
         await cluster.wait_caught_up()

@@ -45,6 +45,7 @@ from litefspy.errors import LeaseError, LitefspyError
 from litefspy.lease.base import HandoffToken, Lease, Leaser, LeaseState, PrimaryInfo
 from litefspy.lease.etcd import EtcdLease
 from litefspy.logs import kv
+from litefspy.metrics import ReplicaLink, ReplicationStats
 from litefspy.progress import SNAPSHOT_RECEIVE
 from litefspy.replication.client import ReplicationClient
 from litefspy.replication.server import PrimaryIdentity, ReplicationServer, SendTotals
@@ -130,6 +131,11 @@ class Cluster:
         self._ever_ready = False
         # Set while the node checks its databases at startup (status says so).
         self.starting: str | None = None
+
+    def fixed_primary(self) -> bool:
+        """The lease names a configured primary (no election, no handoff)."""
+        assert self.leaser is not None, "the leaser is set before the role loop starts"
+        return self.leaser.fixed_primary
 
     async def stop(self) -> None:
         """End the role loop (waiting for it); the caller then settles server and lease."""
@@ -328,7 +334,7 @@ class Cluster:
             return await self._adopt(leaser, pending)
         if not self.candidate:
             return None
-        if state.primary is None or leaser.type == "static":
+        if state.primary is None or leaser.fixed_primary:
             if trio.current_time() < self.no_acquire_until:
                 return None
             return await leaser.acquire(self.me)
@@ -582,13 +588,30 @@ class Cluster:
             task.scope.cancel()
             await task.done.wait()
 
+    def replication_stats(self) -> ReplicationStats:
+        """Both sides of replication since start (metrics)."""
+        totals, stats = self.send_totals, self.client.stats
+        server = self.server if self.is_primary() else None
+        return ReplicationStats(
+            files_sent=totals.files,
+            snapshots_sent=totals.snapshots,
+            bytes_sent=totals.bytes,
+            send_errors=totals.errors,
+            replicas=[ReplicaLink(s.hostname, True) for s in (server.sessions if server else [])],
+            connected_to_primary=not self.is_primary() and self.client.connected,
+            files_applied=stats.files_applied,
+            snapshots_applied=stats.snapshots_applied,
+            bytes_received=stats.bytes_received,
+            receive_errors=stats.errors,
+        )
+
     def role_snapshot(self) -> RoleSnapshot:
         lease = self.lease if self.is_primary() else None
         expires_in: int | None = None
         if lease is not None and math.isfinite(lease.deadline()):
             expires_in = max(0, int((lease.deadline() - trio.current_time()) * 1000))
         holder: str | None = None
-        if self.config.lease.type != "static":
+        if self.leaser is not None and not self.leaser.fixed_primary:
             if lease is not None:
                 holder = self.hostname
             elif self.lease_state is not None and self.lease_state.primary is not None:

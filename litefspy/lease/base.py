@@ -205,6 +205,12 @@ class Leaser(Protocol):
         """`static` or `etcd` (as in fuse.yml's `lease.type`)."""
         ...
 
+    @property
+    def fixed_primary(self) -> bool:
+        """The configuration names the primary: the candidate always gets the lease,
+        nobody is elected (no holder to show) and the lease cannot be handed off."""
+        ...
+
     async def acquire(self, me: PrimaryInfo) -> Lease | None:
         """Take the primary role if nobody holds it; None if someone else does."""
         ...
