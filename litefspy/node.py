@@ -18,8 +18,15 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from litefspy import api, supervisor
-from litefspy.api.admin import AdminService, NodeDescription, StatusService
-from litefspy.cluster.adapters import MountView, NodeMetricsSource, NodeProxyState, local_txid
+from litefspy.api.admin import AdminService, NodeDescription, StatusService, role_snapshot
+from litefspy.api.replication import ReplicationService
+from litefspy.cluster.adapters import (
+    MountView,
+    NodeMetricsSource,
+    NodeProxyState,
+    local_txid,
+    replication_stats,
+)
 from litefspy.cluster.handoff import Handoffs
 from litefspy.cluster.identity import ClusterMismatchError
 from litefspy.cluster.roles import Cluster
@@ -169,7 +176,7 @@ class Node:
 
     def replication_stats(self) -> ReplicationStats:
         """Both sides of replication since start (metrics)."""
-        return self.cluster.replication_stats()
+        return replication_stats(self.cluster)
 
     def backup_report(self) -> dict[str, Any] | None:
         """The backup's state for status and metrics; None when backup.url is unset."""
@@ -307,12 +314,12 @@ class Node:
         status = StatusService(
             self.store,
             NodeDescription(self.store.node_id, self.hostname, self.advertise_url, lease.type),
-            self.cluster.role_snapshot,
+            partial(role_snapshot, self.cluster),
             backup=backup.report if backup is not None else lambda: None,
         )
         server = GRPCServer(
             self.config.grpc.listen_address,
-            stream_handler=self.cluster.stream,
+            stream_handler=ReplicationService(self.cluster).stream,
             status_handler=status.reply,
         )
         AdminService(self.handoffs).register(server)

@@ -9,6 +9,7 @@ delegate to `litefspy.cluster.handoff`.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 import trio
 
 from litefspy.cluster.handoff import PROMOTE_TIMEOUT, Handoffs
+from litefspy.cluster.roles import Cluster
 from litefspy.cluster.state import RoleSnapshot
 from litefspy.errors import SQLiteFormatError
 from litefspy.lease.base import PrimaryInfo
@@ -87,6 +89,31 @@ def _describe_databases(facts: list[_DatabaseFacts]) -> list[tuple[_DatabaseFact
         size = f.committed_size if f.committed_size is not None else _file_size(f.database)
         out.append((f, mode, size if f.exists else 0))
     return out
+
+
+def role_snapshot(cluster: Cluster) -> RoleSnapshot:
+    """The role and lease `Admin.Status` shows, at this moment."""
+    lease = cluster.lease if cluster.is_primary() else None
+    expires_in: int | None = None
+    if lease is not None and math.isfinite(lease.deadline()):
+        expires_in = max(0, int((lease.deadline() - trio.current_time()) * 1000))
+    holder: str | None = None
+    if cluster.leaser is not None and not cluster.leaser.fixed_primary:
+        if lease is not None:
+            holder = cluster.hostname
+        elif cluster.lease_state is not None and cluster.lease_state.primary is not None:
+            holder = cluster.lease_state.primary.hostname
+    return RoleSnapshot(
+        role=cluster.state.role,
+        epoch=cluster.lease_epoch(),
+        cluster_id=cluster.cluster_id,
+        candidate=cluster.candidate,
+        server=cluster.server if cluster.is_primary() else None,
+        client=cluster.client,
+        expires_in_ms=expires_in,
+        holder=holder,
+        ready=cluster.readiness(),
+    )
 
 
 class StatusService:

@@ -54,6 +54,24 @@ class MountView:
         return None if cluster.readiness()[0] else cluster.not_ready_reason()
 
 
+def replication_stats(cluster: Cluster) -> ReplicationStats:
+    """Both sides of replication since start (metrics)."""
+    totals, stats = cluster.send_totals, cluster.client.stats
+    server = cluster.server if cluster.is_primary() else None
+    return ReplicationStats(
+        files_sent=totals.files,
+        snapshots_sent=totals.snapshots,
+        bytes_sent=totals.bytes,
+        send_errors=totals.errors,
+        replicas=[ReplicaLink(s.hostname, True) for s in (server.sessions if server else [])],
+        connected_to_primary=not cluster.is_primary() and cluster.client.connected,
+        files_applied=stats.files_applied,
+        snapshots_applied=stats.snapshots_applied,
+        bytes_received=stats.bytes_received,
+        receive_errors=stats.errors,
+    )
+
+
 def local_txid(store: Store, name: str) -> int:
     """The local TXID of `name`, 0 when the database is absent or offline."""
     try:

@@ -38,22 +38,17 @@ from litefspy.cluster.state import (
     WAITING,
     NodeState,
     PendingHandoff,
-    RoleSnapshot,
 )
 from litefspy.config import Config
 from litefspy.errors import LeaseError, LitefspyError
 from litefspy.lease.base import HandoffToken, Lease, Leaser, LeaseState, PrimaryInfo
 from litefspy.lease.etcd import EtcdLease
 from litefspy.logs import kv
-from litefspy.metrics import ReplicaLink, ReplicationStats
 from litefspy.progress import SNAPSHOT_RECEIVE
 from litefspy.replication.client import ReplicationClient
 from litefspy.replication.server import PrimaryIdentity, ReplicationServer, SendTotals
-from litefspy.rpc.errors import Code, RPCRefused
-from litefspy.rpc.methods import Frame
 from litefspy.store.database import Position
 from litefspy.store.store import Store
-from litefspy.v1 import replication_pb2
 
 log = logging.getLogger(__name__)
 
@@ -587,75 +582,6 @@ class Cluster:
         if task is not None:
             task.scope.cancel()
             await task.done.wait()
-
-    def replication_stats(self) -> ReplicationStats:
-        """Both sides of replication since start (metrics)."""
-        totals, stats = self.send_totals, self.client.stats
-        server = self.server if self.is_primary() else None
-        return ReplicationStats(
-            files_sent=totals.files,
-            snapshots_sent=totals.snapshots,
-            bytes_sent=totals.bytes,
-            send_errors=totals.errors,
-            replicas=[ReplicaLink(s.hostname, True) for s in (server.sessions if server else [])],
-            connected_to_primary=not self.is_primary() and self.client.connected,
-            files_applied=stats.files_applied,
-            snapshots_applied=stats.snapshots_applied,
-            bytes_received=stats.bytes_received,
-            receive_errors=stats.errors,
-        )
-
-    def role_snapshot(self) -> RoleSnapshot:
-        lease = self.lease if self.is_primary() else None
-        expires_in: int | None = None
-        if lease is not None and math.isfinite(lease.deadline()):
-            expires_in = max(0, int((lease.deadline() - trio.current_time()) * 1000))
-        holder: str | None = None
-        if self.leaser is not None and not self.leaser.fixed_primary:
-            if lease is not None:
-                holder = self.hostname
-            elif self.lease_state is not None and self.lease_state.primary is not None:
-                holder = self.lease_state.primary.hostname
-        return RoleSnapshot(
-            role=self.state.role,
-            epoch=self.lease_epoch(),
-            cluster_id=self.cluster_id,
-            candidate=self.candidate,
-            server=self.server if self.is_primary() else None,
-            client=self.client,
-            expires_in_ms=expires_in,
-            holder=holder,
-            ready=self.readiness(),
-        )
-
-    async def stream(
-        self,
-        request: replication_pb2.StreamRequest,
-        peer: str,
-        send: trio.MemorySendChannel[Frame],
-    ) -> None:
-        server = self.server
-        if server is not None and self.is_primary():
-            await server.stream(request, peer, send)
-            return
-        await trio.lowlevel.checkpoint()
-        if request.node_id == self.store.node_id:
-            log.error("refused a replication stream from this node itself %s", kv(peer=peer))
-            raise RPCRefused(
-                Code.FAILED_PRECONDITION,
-                f"node {self.hostname} refuses to replicate from itself: "
-                "lease.advertise-url must name the primary, not this node",
-            )
-        primary = self.primary_hostname()
-        log.info(
-            "refused a replication stream: this node is not the primary %s",
-            kv(peer=peer, hostname=request.hostname),
-        )
-        raise RPCRefused(
-            Code.FAILED_PRECONDITION,
-            f"node {self.hostname} is not the primary"
-            + (f" (the primary is {primary})" if primary else ""),
-        )
 
 
 async def first_of(*events: trio.Event) -> None:
