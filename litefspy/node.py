@@ -30,10 +30,9 @@ from litefspy.cluster.adapters import (
 from litefspy.cluster.handoff import Handoffs
 from litefspy.cluster.identity import ClusterMismatchError
 from litefspy.cluster.roles import Cluster
-from litefspy.cluster.state import REPLICA, WAITING
 from litefspy.cluster.view import NodeView
 from litefspy.config import Config, split_host_port
-from litefspy.errors import ConfigError, LeaseError, LitefspyError
+from litefspy.errors import ConfigError, LitefspyError
 from litefspy.fuse.mount import serve
 from litefspy.fuse.ops import Operations
 from litefspy.lease.base import Leaser, PrimaryInfo
@@ -289,21 +288,7 @@ class Node:
     async def _shutdown(self, grpc_server: GRPCServer) -> None:
         """Stop the role loop; a primary hands replicas its last commits, then releases."""
         with trio.CancelScope(shield=True):
-            cluster = self.cluster
-            await cluster.stop()
-            lease, server = cluster.lease, cluster.server
-            if server is not None:
-                # Writes stop now; the journal/WAL are settled by recovery at the next start.
-                self.store.set_writable(False)
-                cluster.state.set_role(WAITING if self.candidate else REPLICA)
-                await server.shutdown("shutting down", grace=SHUTDOWN_GRACE, drain=True)
-            if lease is not None:
-                try:
-                    await lease.release()
-                except LeaseError as exc:
-                    log.warning("could not release the lease at shutdown: %s", exc)
-                cluster.lease = None
-            await cluster.stop_client()
+            await self.cluster.shutdown(grace=SHUTDOWN_GRACE)
             await grpc_server.stop(grace=SHUTDOWN_GRACE)
             # Before the unmount: the lock keeper lets go of its descriptors on it.
             await trio.to_thread.run_sync(self.store.detach_mount)

@@ -132,10 +132,23 @@ class Cluster:
         assert self.leaser is not None, "the leaser is set before the role loop starts"
         return self.leaser.fixed_primary
 
-    async def stop(self) -> None:
-        """End the role loop (waiting for it); the caller then settles server and lease."""
+    async def shutdown(self, grace: float) -> None:
+        """End the role loop; a primary hands replicas its last commits, then releases."""
         self._role_scope.cancel()
         await self._role_done.wait()
+        lease, server = self.lease, self.server
+        if server is not None:
+            # Writes stop now; the journal/WAL are settled by recovery at the next start.
+            self.store.set_writable(False)
+            self.state.set_role(WAITING if self.candidate else REPLICA)
+            await server.shutdown("shutting down", grace=grace, drain=True)
+        if lease is not None:
+            try:
+                await lease.release()
+            except LeaseError as exc:
+                log.warning("could not release the lease at shutdown: %s", exc)
+            self.lease = None
+        await self.stop_client()
 
     @property
     def role(self) -> str:
