@@ -2,8 +2,9 @@
 
 `mounted_node` runs a real Store behind a real FUSE mount in this process, a
 GRPCServer with the services' RPCs registered, and a `FakeNode` standing in
-for node.py's `NodeView`. The mount is served by this process's trio loop, so
-every access to it goes through a worker thread or a subprocess.
+for node.py's `NodeView` (litefspy.cluster.view). The mount is served by this
+process's trio loop, so every access to it goes through a worker thread or a
+subprocess.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A *leaser* is this node's handle on the coordination engine (``static`` or
 ``etcd``); a *lease* is the primary role this node currently holds through it.
-The node's role loop is written against these protocols only; ``node.py``
-builds the concrete leaser.
+The role loop (``cluster/roles.py``) is written against these protocols only;
+``node.py`` builds the concrete leaser.
 
 Lifecycle on a candidate::
 
