@@ -290,8 +290,8 @@ class AdminService:
 
     def register(self, server: GRPCServer) -> None:
         """Add Promote and Handoff to the server (Status is its built-in handler)."""
-        server.add_unary(PROMOTE_METHOD, self.promote, pb.PromoteRequest, pb.PromoteReply)
-        server.add_unary(HANDOFF_METHOD, self.handoff, pb.HandoffRequest, pb.HandoffReply)
+        server.add_unary(PROMOTE_METHOD, self.promote)
+        server.add_unary(HANDOFF_METHOD, self.handoff)
 
     async def promote(self, request: pb.PromoteRequest) -> pb.PromoteReply:
         """Target side of `litefspy run --promote`: become primary through a handoff."""

@@ -45,8 +45,8 @@ class DataService:
         self.node = node
 
     def register(self, server: GRPCServer) -> None:
-        server.add_client_stream(IMPORT_METHOD, self.import_, pb.ImportRequest, pb.ImportReply)
-        server.add_server_stream(EXPORT_METHOD, self.export, pb.ExportRequest, pb.ExportChunk)
+        server.add_client_stream(IMPORT_METHOD, self.import_)
+        server.add_server_stream(EXPORT_METHOD, self.export)
 
     @property
     def _hostname(self) -> str:

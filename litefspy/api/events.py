@@ -79,7 +79,7 @@ class EventHub:
         self.node.store.subscribe(self._on_commit)
         self.node.on_role_change(self._on_role_change)
         self.node.on_backup_event(self._on_backup)
-        server.add_server_stream(EVENTS_METHOD, self.stream, pb.EventsRequest, pb.Event)
+        server.add_server_stream(EVENTS_METHOD, self.stream)
 
     # ------------------------------------------------------- node side
 

@@ -116,10 +116,10 @@ class HaltService:
         self.node = node
 
     def register(self, server: GRPCServer) -> None:
-        server.add_server_stream(HOLD_METHOD, self.hold, pb.HoldRequest, pb.HoldEvent)
-        server.add_server_stream(LOCK_METHOD, self.lock, pb.LockRequest, pb.LockEvent)
-        server.add_unary(RENEW_METHOD, self.renew, pb.RenewRequest, pb.RenewReply)
-        server.add_client_stream(COMMIT_METHOD, self.commit, pb.CommitRequest, pb.CommitReply)
+        server.add_server_stream(HOLD_METHOD, self.hold)
+        server.add_server_stream(LOCK_METHOD, self.lock)
+        server.add_unary(RENEW_METHOD, self.renew)
+        server.add_client_stream(COMMIT_METHOD, self.commit)
 
     @property
     def _hostname(self) -> str:

@@ -151,11 +151,6 @@ class Cluster:
         await self.stop_client()
 
     @property
-    def role(self) -> str:
-        """`primary`, `replica` or `candidate-waiting`."""
-        return self.state.role
-
-    @property
     def cluster_id(self) -> str:
         """The cluster this node belongs to ("" until it knows)."""
         return self.client.cluster_id

@@ -25,11 +25,12 @@ from litefspy.errors import LitefspyError
 from litefspy.logs import kv
 from litefspy.rpc.errors import TRIO_GONE, Code, RPCRefused
 from litefspy.rpc.methods import (
-    ADMIN_SERVICE,
     CHANNEL_DEPTH,
     MESSAGE_LIMIT_OPTIONS,
-    REPLICATION_SERVICE,
+    STATUS_METHOD,
+    STREAM_METHOD,
     Frame,
+    describe_method,
 )
 from litefspy.v1 import admin_pb2, replication_pb2
 
@@ -99,7 +100,6 @@ class GRPCServer:
         max_workers: int = MAX_WORKERS,
     ) -> None:
         self.address = address
-        self._stream_handler = stream_handler
         self._status_handler = status_handler
         self._max_workers = max_workers
         self._server: Any = None
@@ -110,28 +110,55 @@ class GRPCServer:
         # While set (the node checks its databases at startup), every RPC but
         # Status answers UNAVAILABLE with this reason.
         self.starting: str | None = None
-        # Services registered with add_unary / add_server_stream / add_client_stream:
-        # service name -> method name -> grpc method handler.
-        self._extra: dict[str, dict[str, Any]] = {}
+        # Every RPC served: service name -> method name -> grpc method handler.
+        self._methods: dict[str, dict[str, Any]] = {}
+        self.add_server_stream(STREAM_METHOD, stream_handler)
+        # Status answers also while starting, and reports failures as INTERNAL.
+        self._register(
+            STATUS_METHOD,
+            grpc.unary_unary_rpc_method_handler(
+                self._status,
+                request_deserializer=admin_pb2.StatusRequest.FromString,
+                response_serializer=admin_pb2.StatusReply.SerializeToString,
+            ),
+        )
 
     # ------------------------------------------------ generic registration
     #
     # Other modules add RPCs without importing grpc: `method` is the full name
-    # "/package.Service/Method", the types are protobuf message classes, and the
-    # handlers are trio functions. Register before `serve`.
+    # "/package.Service/Method" and the handlers are trio functions; the message
+    # classes come from the litefspy.v1 descriptors (given explicitly only for a
+    # method the .proto files do not declare). Register before `serve`.
 
     def _register(self, method: str, handler: Any) -> None:
         service, name = method.strip("/").split("/", 1)
-        self._extra.setdefault(service, {})[name] = handler
+        self._methods.setdefault(service, {})[name] = handler
+
+    @staticmethod
+    def _types(method: str, kind: str, request_type: Any, response_type: Any) -> tuple[Any, Any]:
+        """The message classes of `method`: from the .proto descriptors when it is
+        declared there (its kind must match), else as given (tests' own methods)."""
+        declared = describe_method(method)
+        if declared is None:
+            if request_type is None or response_type is None:
+                raise ValueError(f"{method} is not declared in litefspy.v1: give its types")
+            return request_type, response_type
+        declared_kind, request_cls, response_cls = declared
+        if declared_kind != kind:
+            raise ValueError(f"{method} is a {declared_kind} RPC, registered as a {kind}")
+        if request_type not in (None, request_cls) or response_type not in (None, response_cls):
+            raise ValueError(f"{method} takes {request_cls.__name__} -> {response_cls.__name__}")
+        return request_cls, response_cls
 
     def add_unary(
         self,
         method: str,
         handler: Callable[[Any], Awaitable[Any]],
-        request_type: Any,
-        response_type: Any,
+        request_type: Any = None,
+        response_type: Any = None,
     ) -> None:
         """Serve a unary RPC with `await handler(request) -> response`."""
+        request_type, response_type = self._types(method, "unary", request_type, response_type)
 
         def servicer(request: Any, context: Any) -> Any:
             return self._run_unary(lambda: handler(request), context)
@@ -149,10 +176,13 @@ class GRPCServer:
         self,
         method: str,
         handler: Callable[[Any, str, trio.MemorySendChannel[Any]], Awaitable[None]],
-        request_type: Any,
-        response_type: Any,
+        request_type: Any = None,
+        response_type: Any = None,
     ) -> None:
         """Serve a server-streaming RPC: `await handler(request, peer, send)` sends responses."""
+        request_type, response_type = self._types(
+            method, "server stream", request_type, response_type
+        )
 
         def servicer(request: Any, context: Any) -> Iterator[Any]:
             return self._serve_stream(request, context, handler)
@@ -170,10 +200,13 @@ class GRPCServer:
         self,
         method: str,
         handler: Callable[[trio.MemoryReceiveChannel[Any], str], Awaitable[Any]],
-        request_type: Any,
-        response_type: Any,
+        request_type: Any = None,
+        response_type: Any = None,
     ) -> None:
         """Serve a client-streaming RPC: `await handler(receive, peer) -> response`."""
+        request_type, response_type = self._types(
+            method, "client stream", request_type, response_type
+        )
 
         def servicer(requests: Iterator[Any], context: Any) -> Any:
             token = self._token
@@ -236,32 +269,9 @@ class GRPCServer:
             options=_SERVER_OPTIONS,
         )
         server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    REPLICATION_SERVICE,
-                    {
-                        "Stream": grpc.unary_stream_rpc_method_handler(
-                            self._stream,
-                            request_deserializer=replication_pb2.StreamRequest.FromString,
-                            response_serializer=Frame.SerializeToString,
-                        )
-                    },
-                ),
-                grpc.method_handlers_generic_handler(
-                    ADMIN_SERVICE,
-                    {
-                        "Status": grpc.unary_unary_rpc_method_handler(
-                            self._status,
-                            request_deserializer=admin_pb2.StatusRequest.FromString,
-                            response_serializer=admin_pb2.StatusReply.SerializeToString,
-                        ),
-                        **self._extra.pop(ADMIN_SERVICE, {}),
-                    },
-                ),
-                *(
-                    grpc.method_handlers_generic_handler(service, methods)
-                    for service, methods in self._extra.items()
-                ),
+            tuple(
+                grpc.method_handlers_generic_handler(service, methods)
+                for service, methods in self._methods.items()
             )
         )
         try:
@@ -307,10 +317,6 @@ class GRPCServer:
         log.info("gRPC stopped %s", kv(addr=self.address))
 
     # ---------------------------------------------------------- gRPC threads
-
-    def _stream(self, request: replication_pb2.StreamRequest, context: Any) -> Iterator[Frame]:
-        """Servicer of Replication.Stream (a gRPC pool thread)."""
-        return self._serve_stream(request, context, self._stream_handler)
 
     def _serve_stream(self, request: Any, context: Any, handler: Any) -> Iterator[Any]:
         """Run `handler` as a trio task and yield what it sends (a gRPC pool thread)."""
