@@ -4,8 +4,8 @@ Import streams a SQLite file to the primary, which spools it under
 `<data>/tmp/` and hands it to `Store.import_database` (validated, then applied
 as one new TXID under SQLite's locks, so replicas receive it like any commit).
 Export asks any node for a consistent copy of its committed state
-(`Store.export_database`) and streams it back. The CLI side of both lives in
-`litefspy.cli_data`.
+(`Store.export_database`) and streams it back. The CLI side of both is
+`litefspy import` / `litefspy export`.
 """
 
 from __future__ import annotations
