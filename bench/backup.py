@@ -73,7 +73,7 @@ def _txn_rate(path: Path, mode: str, sync: str, seconds: float = 5.0) -> float:
 def _uploaded_txid(node: Node, env: dict[str, str], name: str) -> int:
     """The node's backup high-water mark, over gRPC in this process (a CLI call
     would add its own start-up time to every RPO sample)."""
-    from litefspy.replication.bridge import fetch_status
+    from litefspy.rpc.client import fetch_status
 
     del env
     for d in fetch_status(node.url).backup.databases:

@@ -134,7 +134,7 @@ class Node:
 
     def role(self) -> str | None:
         from litefspy.errors import LitefspyError
-        from litefspy.replication.bridge import fetch_status
+        from litefspy.rpc.client import fetch_status
 
         try:
             return fetch_status(self.url, timeout=2).role
@@ -260,8 +260,8 @@ def _kill_rounds(nodes: list[Node], rounds: int) -> tuple[list[float], int]:
 
 
 def _handoff_rounds(nodes: list[Node], rounds: int) -> tuple[list[float], list[float]]:
-    from litefspy.replication.bridge import call_unary
-    from litefspy.replication.status import PROMOTE_METHOD
+    from litefspy.rpc.client import call_unary
+    from litefspy.rpc.methods import PROMOTE_METHOD
     from litefspy.v1 import admin_pb2
 
     gaps, calls = [], []

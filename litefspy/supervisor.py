@@ -22,15 +22,12 @@ import shlex
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
 
 import trio
 
+from litefspy.cluster.view import NodeView
 from litefspy.config import ExecCommand
 from litefspy.logs import kv
-
-if TYPE_CHECKING:
-    from litefspy.services import NodeView
 
 log = logging.getLogger(__name__)
 

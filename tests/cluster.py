@@ -137,8 +137,8 @@ def etcd_node(node_factory: Any, endpoint: str, key: str, name: str, **kwargs: A
 def try_status(node: NodeProcess) -> dict[str, Any] | None:
     """`status` of `node`, None if it does not answer."""
     from litefspy.errors import LitefspyError
-    from litefspy.replication.bridge import fetch_status
-    from litefspy.replication.status import status_to_dict
+    from litefspy.rpc.client import fetch_status
+    from litefspy.rpc.convert import status_to_dict
 
     try:
         return status_to_dict(fetch_status(node.url, timeout=2))

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from litefspy.replication.bridge import (
-    Code,
-    GRPCServer,
-    RemoteError,
-    RPCRefused,
-    acall_unary,
-    call_client_stream,
-    call_server_stream,
-    call_unary,
-)
+from litefspy.rpc.client import acall_unary, call_client_stream, call_server_stream, call_unary
+from litefspy.rpc.errors import Code, RemoteError, RPCRefused
+from litefspy.rpc.server import GRPCServer
 from litefspy.v1.replication_pb2 import Heartbeat, Position
 from tests.nodes import free_port
 
@@ -91,7 +84,7 @@ async def test_generic_rpcs_round_trip() -> None:
 async def test_while_starting_only_status_answers() -> None:
     """A node checking its databases at startup answers Status; every other RPC is
     UNAVAILABLE with the reason until it is done."""
-    from litefspy.replication.bridge import fetch_status
+    from litefspy.rpc.client import fetch_status
     from litefspy.v1.admin_pb2 import StatusReply
 
     port = free_port()
@@ -130,3 +123,22 @@ async def test_while_starting_only_status_answers() -> None:
         )
         assert reply.unix_ms == 7
         nursery.cancel_scope.cancel()
+
+
+def test_declared_methods_take_their_types_and_kind_from_the_descriptors() -> None:
+    from litefspy.rpc.methods import HANDOFF_METHOD, STATUS_METHOD, describe_method
+    from litefspy.v1 import admin_pb2
+
+    assert describe_method(STATUS_METHOD) == (
+        "unary",
+        admin_pb2.StatusRequest,
+        admin_pb2.StatusReply,
+    )
+    assert describe_method(SERVICE + "Double") is None
+    server = GRPCServer("127.0.0.1:0", stream_handler=_never, status_handler=_never)
+    with pytest.raises(ValueError, match="is a unary RPC, registered as a server stream"):
+        server.add_server_stream(HANDOFF_METHOD, _never)
+    with pytest.raises(ValueError, match="takes HandoffRequest -> HandoffReply"):
+        server.add_unary(HANDOFF_METHOD, _never, Heartbeat, Heartbeat)
+    with pytest.raises(ValueError, match=r"not declared in litefspy\.v1"):
+        server.add_unary(SERVICE + "Double", _never)

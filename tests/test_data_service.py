@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from litefspy.dataservice import IMPORT_METHOD
-from litefspy.replication.bridge import RemoteError, call_client_stream
+from litefspy.api.data import IMPORT_METHOD
+from litefspy.rpc.client import call_client_stream
+from litefspy.rpc.errors import RemoteError
 from litefspy.v1 import data_pb2 as pb
 from tests.nodes import free_port
 from tests.test_services_harness import (

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from litefspy.events import EventHub, event_to_json
+from litefspy.api.events import EventHub, event_to_json
 from litefspy.v1 import data_pb2 as pb
 from tests.test_services_harness import Mounted, cli, make_db, mounted_node, run_sql
 
@@ -140,7 +140,7 @@ async def test_slow_subscriber_is_dropped_not_buffered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Directly on the hub: a subscriber that does not drain its queue is cut off.
-    monkeypatch.setattr("litefspy.events.SUBSCRIBER_BUFFER", 3)
+    monkeypatch.setattr("litefspy.api.events.SUBSCRIBER_BUFFER", 3)
     async with mounted_node(tmp_path / "node") as n:
         hub = EventHub(n.node)
         n.store.subscribe(hub._on_commit)

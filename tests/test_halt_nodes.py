@@ -399,8 +399,9 @@ def test_large_forwarded_transaction(node_factory, tmp_path: Path) -> None:
 
 def test_commit_rpc_refuses_bad_input_and_changes_nothing(node_factory) -> None:
     """Garbage, corrupt, truncated or out-of-place LTX uploads to Halt.Commit."""
-    from litefspy.halt import COMMIT_METHOD, LOCK_METHOD
-    from litefspy.replication.bridge import CallHandle, RemoteError, call_client_stream
+    from litefspy.api.halt import COMMIT_METHOD, LOCK_METHOD
+    from litefspy.rpc.client import CallHandle, call_client_stream
+    from litefspy.rpc.errors import RemoteError
     from litefspy.v1 import halt_pb2 as pb
 
     primary: NodeProcess = node_factory("primary").start()

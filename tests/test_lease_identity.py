@@ -14,7 +14,7 @@ from litefspy.replication.identity import (
     save_last_primary,
     save_max_epoch,
 )
-from litefspy.replication.status import status_to_dict
+from litefspy.rpc.convert import status_to_dict
 from litefspy.v1 import admin_pb2 as pb
 
 

@@ -20,8 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from litefspy.cli.status import render_status
-from litefspy.replication.bridge import fetch_status
-from litefspy.replication.status import status_to_dict
+from litefspy.rpc.client import fetch_status
+from litefspy.rpc.convert import status_to_dict
 from tests.cluster import connect, replica_of, status, wait_same_pos
 from tests.nodes import NodeProcess, free_port, wait_for
 

@@ -1,4 +1,4 @@
-"""`services.serve_extras`: the proxy and the metrics endpoint wired to a node's store."""
+"""`serve_extras`: the proxy and the metrics endpoint wired to a node's store."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from litefspy import services
-from litefspy.adapters import NodeProxyState
+from litefspy.cluster.adapters import NodeProxyState
+from litefspy.node import serve_extras
 from litefspy.proxy import ListenError, TxidWaiters
 from litefspy.store.store import Store
 from tests.nodes import free_port
@@ -55,7 +55,7 @@ async def test_proxy_and_metrics_follow_the_store(tmp_path: Path) -> None:
             with trio.fail_after(10):
                 while not await trio.to_thread.run_sync(_listening, app_port):
                     await trio.sleep(0.05)
-            await nursery.start(services.serve_extras, n.node)
+            await nursery.start(serve_extras, n.node)
             client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxy_port}", trust_env=False)
             scraper = httpx.AsyncClient(
                 base_url=f"http://127.0.0.1:{metrics_port}", trust_env=False
@@ -126,7 +126,7 @@ async def test_bad_listen_address_fails_the_start(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             # Raised by nursery.start itself, not wrapped in an exception group.
             with pytest.raises(ListenError, match=f"metrics.addr 127.0.0.1:{port}"):
-                await nursery.start(services.serve_extras, node)
+                await nursery.start(serve_extras, node)
         assert store._listeners == []  # unsubscribed again
     finally:
         taken.close()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from litefspy.replication.bridge import RemoteError, fetch_status
+from litefspy.rpc.client import fetch_status
+from litefspy.rpc.errors import RemoteError
 from litefspy.v1 import replication_pb2 as pb
 from tests.cluster import connect, dump, integrity, replica_lease, replica_of, wait_same_pos
 from tests.nodes import NodeProcess, free_port, wait_for

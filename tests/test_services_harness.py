@@ -2,8 +2,9 @@
 
 `mounted_node` runs a real Store behind a real FUSE mount in this process, a
 GRPCServer with the services' RPCs registered, and a `FakeNode` standing in
-for node.py's `NodeView`. The mount is served by this process's trio loop, so
-every access to it goes through a worker thread or a subprocess.
+for node.py's `NodeView` (litefspy.cluster.view). The mount is served by this
+process's trio loop, so every access to it goes through a worker thread or a
+subprocess.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 
 import trio
 
-from litefspy import services
+from litefspy import api
 from litefspy.config import Config
 from litefspy.fuse.mount import serve
 from litefspy.fuse.ops import Operations
 from litefspy.metrics import ReplicationStats
-from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
+from litefspy.rpc.errors import Code, RPCRefused
+from litefspy.rpc.server import GRPCServer
 from litefspy.store.store import Store
 from tests.mounted import attach_store
 from tests.nodes import free_port
@@ -130,7 +132,7 @@ async def mounted_node(root: Path, **config_extra: Any) -> AsyncIterator[Mounted
     server = GRPCServer(
         config.grpc.listen_address, stream_handler=_unused_stream, status_handler=_unused_stream
     )
-    services.register_rpcs(node, server)
+    api.register_rpcs(node, server)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: serve(ops, mnt, task_status=task_status))
         await nursery.start(attach_store, store, mnt, ops)

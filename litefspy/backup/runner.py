@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -19,6 +20,7 @@ from litefspy.backup.target import Target
 from litefspy.backup.uploader import BackupProgress, BackupTotals, Uploader
 from litefspy.backup.worker import MergeWorker
 from litefspy.config import BackupConfig, backup_target_spec
+from litefspy.errors import LitefspyError
 from litefspy.logs import kv
 from litefspy.store.store import Store
 
@@ -106,3 +108,51 @@ class BackupRunner:
             "last_compaction_ms": totals.last_compaction_ms,
             "databases": self.uploader.status() if self.is_primary() else {},
         }
+
+    async def restore_if_empty(self, dbs: Path) -> None:
+        """backup.restore-if-empty: a node with no databases restores every one first.
+
+        The "every machine was lost" path: before this node serves or asks for
+        the lease. An unreachable store stops the start (one line): serving an
+        empty data.dir as if it were the data would be worse.
+        """
+        from litefspy.backup.restore import (
+            describe,
+            list_databases,
+            record_deletion_in_data_dir,
+            restore_into_data_dir,
+        )
+
+        if await trio.to_thread.run_sync(_has_databases, dbs):
+            return
+        target = self.target
+        try:
+            names = await trio.to_thread.run_sync(list_databases, target)
+            for name in names:
+                found = await trio.to_thread.run_sync(describe, target, name)
+                if found.deleted is not None:
+                    # Deleted on the primary: bringing it back would undo the deletion.
+                    # Its history (the deletion) is kept, so that TXIDs go on from it.
+                    await trio.to_thread.run_sync(
+                        record_deletion_in_data_dir, target, dbs, name, found.deleted
+                    )
+                    log.info(
+                        "backup.restore-if-empty: database was deleted; not restored %s",
+                        kv(db=name, txid=f"{found.deleted.max_txid:016x}"),
+                    )
+                    continue
+                result = await trio.to_thread.run_sync(restore_into_data_dir, target, dbs, name)
+                log.info(
+                    "restored database from the backup %s",
+                    kv(db=name, txid=f"{result.txid:016x}", objects=result.files),
+                )
+        except LitefspyError as exc:
+            raise LitefspyError(
+                f"backup.restore-if-empty: {exc}; not starting with an empty data.dir"
+            ) from None
+        if not names:
+            log.info("backup.restore-if-empty: the backup holds no databases yet")
+
+
+def _has_databases(dbs: Path) -> bool:
+    return any(p.is_dir() for p in dbs.iterdir())

@@ -47,8 +47,8 @@ def add_parsers(sub: Any) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from litefspy.replication.bridge import call_unary, fetch_status
-    from litefspy.replication.status import PROMOTE_METHOD
+    from litefspy.rpc.client import call_unary, fetch_status
+    from litefspy.rpc.methods import PROMOTE_METHOD
     from litefspy.supervisor import run_foreground
     from litefspy.v1 import admin_pb2
 
@@ -86,11 +86,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_with_halt_lock(url: str, name: str, command: list[str]) -> int:
-    """Run `command` while the node at `url` holds the halt lock on `name` (litefspy.halt)."""
+    """Run `command` while the node at `url` holds the halt lock on `name` (litefspy.api.halt)."""
     import threading
 
-    from litefspy.halt import HOLD_METHOD
-    from litefspy.replication.bridge import CallHandle, RemoteError
+    from litefspy.api.halt import HOLD_METHOD
+    from litefspy.rpc.client import CallHandle
+    from litefspy.rpc.errors import RemoteError
     from litefspy.supervisor import run_foreground
     from litefspy.v1 import halt_pb2
 

@@ -45,7 +45,7 @@ def node_url(args: argparse.Namespace) -> str:
 
 def remote_message(exc: Exception, url: str) -> str:
     """The node's own message from a failed call, without the bridge's URL/code wrapping."""
-    from litefspy.replication.bridge import RemoteError
+    from litefspy.rpc.errors import RemoteError
 
     text = str(exc)
     if isinstance(exc, RemoteError):

@@ -126,7 +126,8 @@ class _NodeWatcher:
             self._thread.join(timeout=POLL_INTERVAL * 2)
 
     def _run(self) -> None:
-        from litefspy.replication.bridge import RemoteError, fetch_status
+        from litefspy.rpc.client import fetch_status
+        from litefspy.rpc.errors import RemoteError
 
         while not self._stop.wait(POLL_INTERVAL):
             try:
@@ -160,7 +161,7 @@ def add_parsers(sub: Any) -> None:
 def _upload(
     path: Path, name: str, size: int, progress: TransferProgress, uploaded: _NodeWatcher
 ) -> Iterator[Any]:
-    from litefspy.dataservice import CHUNK_SIZE
+    from litefspy.api.data import CHUNK_SIZE
     from litefspy.v1 import data_pb2 as pb
 
     yield pb.ImportRequest(start=pb.ImportStart(name=name, size=size))
@@ -172,9 +173,10 @@ def _upload(
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from litefspy.dataservice import IMPORT_METHOD
+    from litefspy.api.data import IMPORT_METHOD
     from litefspy.progress import IMPORT
-    from litefspy.replication.bridge import RemoteError, call_client_stream
+    from litefspy.rpc.client import call_client_stream
+    from litefspy.rpc.errors import RemoteError
     from litefspy.store.store import validate_sqlite_file
     from litefspy.v1 import data_pb2 as pb
 
@@ -215,10 +217,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from litefspy.dataservice import EXPORT_METHOD
+    from litefspy.api.data import EXPORT_METHOD
     from litefspy.ltx.files import fsync_dir
     from litefspy.progress import EXPORT
-    from litefspy.replication.bridge import RemoteError, call_server_stream
+    from litefspy.rpc.client import call_server_stream
+    from litefspy.rpc.errors import RemoteError
     from litefspy.v1 import data_pb2 as pb
 
     name, out = args.name, Path(args.path)

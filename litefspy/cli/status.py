@@ -29,8 +29,8 @@ def add_parsers(sub: Any) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from litefspy.replication.bridge import fetch_status
-    from litefspy.replication.status import status_to_dict
+    from litefspy.rpc.client import fetch_status
+    from litefspy.rpc.convert import status_to_dict
 
     url = node_url(args)
     status = status_to_dict(fetch_status(url))
@@ -182,8 +182,9 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
 def follow_events(url: str) -> int:
     """Print the node's events as NDJSON until it ends the stream (an error) or Ctrl-C."""
-    from litefspy.events import EVENTS_METHOD, event_to_json
-    from litefspy.replication.bridge import RemoteError, call_server_stream
+    from litefspy.api.events import EVENTS_METHOD, event_to_json
+    from litefspy.rpc.client import call_server_stream
+    from litefspy.rpc.errors import RemoteError
     from litefspy.v1 import data_pb2 as pb
 
     try:

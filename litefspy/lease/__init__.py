@@ -1,7 +1,7 @@
 """Who is primary: lease protocols (`base`) and their backends (`static`, `etcd`).
 
 `node.py` builds one `Leaser` from fuse.yml's `lease.*` keys; the role loop
-uses only the protocols in `base` (read its docstring for the rules).
+(`litefspy.cluster.roles`) uses only the protocols in `base` (read its docstring for the rules).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A *leaser* is this node's handle on the coordination engine (``static`` or
 ``etcd``); a *lease* is the primary role this node currently holds through it.
-The node's role loop is written against these protocols only; ``node.py``
-builds the concrete leaser.
+The role loop (``cluster/roles.py``) is written against these protocols only;
+``node.py`` builds the concrete leaser.
 
 Lifecycle on a candidate::
 
@@ -203,6 +203,12 @@ class Leaser(Protocol):
     @property
     def type(self) -> str:
         """`static` or `etcd` (as in fuse.yml's `lease.type`)."""
+        ...
+
+    @property
+    def fixed_primary(self) -> bool:
+        """The configuration names the primary: the candidate always gets the lease,
+        nobody is elected (no holder to show) and the lease cannot be handed off."""
         ...
 
     async def acquire(self, me: PrimaryInfo) -> Lease | None:

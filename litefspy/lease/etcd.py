@@ -301,6 +301,11 @@ class EtcdLeaser:
         return "etcd"
 
     @property
+    def fixed_primary(self) -> bool:
+        """False: candidates race for the key."""
+        return False
+
+    @property
     def cluster_id_key(self) -> str:
         """Where the cluster id is stored."""
         return self.key + CLUSTER_ID_SUFFIX

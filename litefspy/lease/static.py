@@ -94,6 +94,11 @@ class StaticLeaser:
         """`static`."""
         return "static"
 
+    @property
+    def fixed_primary(self) -> bool:
+        """True: the configured candidate is the primary."""
+        return True
+
     async def acquire(self, me: PrimaryInfo) -> StaticLease | None:
         """The configured primary always gets the role; everyone else gets None."""
         await trio.lowlevel.checkpoint()

@@ -69,7 +69,7 @@ UPGRADE_BODY_LIMIT = 1 << 20
 
 
 class ProxyState(Protocol):
-    """What the proxy needs to know about the node (implemented by node.py)."""
+    """What the proxy needs to know about the node (implemented by cluster/adapters.py)."""
 
     def is_primary(self) -> bool:
         """This node holds the primary lease and accepts writes."""

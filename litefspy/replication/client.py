@@ -38,14 +38,14 @@ import trio
 from litefspy.errors import LitefspyError, ReplicationError
 from litefspy.logs import kv
 from litefspy.progress import SNAPSHOT_RECEIVE, Progress
-from litefspy.replication import bridge
-from litefspy.replication.bridge import FrameStream
 from litefspy.replication.identity import (
     load_max_epoch,
     save_cluster_id,
     save_max_epoch,
     valid_cluster_id,
 )
+from litefspy.rpc import client as rpc_client
+from litefspy.rpc.client import FrameStream
 from litefspy.store.store import Store, valid_database_name
 from litefspy.v1 import replication_pb2 as pb
 
@@ -144,7 +144,7 @@ class ReplicationClient:
         cluster_id: str | None,
         reconnect_delay: float = 1.0,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        open_stream: OpenStream = bridge.open_stream,
+        open_stream: OpenStream = rpc_client.open_stream,
         epoch_scope: str = "static",
         on_handoff: Callable[[pb.Handoff], None] | None = None,
     ) -> None:

@@ -36,8 +36,9 @@ import trio
 from litefspy.errors import DatabaseError, LTXError, NotFoundError
 from litefspy.logs import kv
 from litefspy.progress import SNAPSHOT_SEND, Progress
-from litefspy.replication.bridge import Code, Frame, RPCRefused
 from litefspy.replication.ltxfile import CHUNK_SIZE, OpenLTX, open_ltx
+from litefspy.rpc.errors import Code, RPCRefused
+from litefspy.rpc.methods import Frame
 from litefspy.store.database import CommitInfo, Database, Position
 from litefspy.store.store import Store
 from litefspy.v1 import replication_pb2 as pb

@@ -34,28 +34,18 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
-from litefspy.dataservice import CHUNK_SIZE, next_or_none, receive_file
+from litefspy.api.data import CHUNK_SIZE, next_or_none, receive_file
+from litefspy.cluster.view import NodeView
 from litefspy.errors import DatabaseError, ForwardError, LTXError, ReplicationError
 from litefspy.logs import kv
-from litefspy.replication.bridge import (
-    Client,
-    Code,
-    GRPCServer,
-    MessageStream,
-    RemoteError,
-    RPCRefused,
-    acall_unary,
-    open_server_stream,
-)
+from litefspy.rpc.client import Client, MessageStream, acall_unary, open_server_stream
+from litefspy.rpc.errors import Code, RemoteError, RPCRefused
+from litefspy.rpc.server import GRPCServer
 from litefspy.store.store import Halt, valid_database_name
 from litefspy.v1 import halt_pb2 as pb
-
-if TYPE_CHECKING:
-    from litefspy.services import NodeView
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +116,10 @@ class HaltService:
         self.node = node
 
     def register(self, server: GRPCServer) -> None:
-        server.add_server_stream(HOLD_METHOD, self.hold, pb.HoldRequest, pb.HoldEvent)
-        server.add_server_stream(LOCK_METHOD, self.lock, pb.LockRequest, pb.LockEvent)
-        server.add_unary(RENEW_METHOD, self.renew, pb.RenewRequest, pb.RenewReply)
-        server.add_client_stream(COMMIT_METHOD, self.commit, pb.CommitRequest, pb.CommitReply)
+        server.add_server_stream(HOLD_METHOD, self.hold)
+        server.add_server_stream(LOCK_METHOD, self.lock)
+        server.add_unary(RENEW_METHOD, self.renew)
+        server.add_client_stream(COMMIT_METHOD, self.commit)
 
     @property
     def _hostname(self) -> str:

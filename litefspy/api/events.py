@@ -29,16 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from litefspy.cluster.view import NodeView
 from litefspy.errors import LitefspyError, NotFoundError
 from litefspy.logs import kv
 from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
-from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
+from litefspy.rpc.errors import Code, RPCRefused
+from litefspy.rpc.server import GRPCServer
 from litefspy.store.database import CommitInfo
 from litefspy.v1 import data_pb2 as pb
 
 if TYPE_CHECKING:
     from litefspy.backup.uploader import BackupProgress
-    from litefspy.services import NodeView
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class EventHub:
         self.node.store.subscribe(self._on_commit)
         self.node.on_role_change(self._on_role_change)
         self.node.on_backup_event(self._on_backup)
-        server.add_server_stream(EVENTS_METHOD, self.stream, pb.EventsRequest, pb.Event)
+        server.add_server_stream(EVENTS_METHOD, self.stream)
 
     # ------------------------------------------------------- node side
 

@@ -4,8 +4,8 @@ Import streams a SQLite file to the primary, which spools it under
 `<data>/tmp/` and hands it to `Store.import_database` (validated, then applied
 as one new TXID under SQLite's locks, so replicas receive it like any commit).
 Export asks any node for a consistent copy of its committed state
-(`Store.export_database`) and streams it back. The CLI side of both lives in
-`litefspy.cli_data`.
+(`Store.export_database`) and streams it back. The CLI side of both is
+`litefspy import` / `litefspy export`.
 """
 
 from __future__ import annotations
@@ -15,20 +15,19 @@ import secrets
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from litefspy.cluster.view import NodeView
 from litefspy.errors import DatabaseError, NotFoundError
 from litefspy.logs import kv
 from litefspy.progress import EXPORT, IMPORT, Progress
-from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
+from litefspy.rpc.errors import Code, RPCRefused
+from litefspy.rpc.server import GRPCServer
 from litefspy.store.database import Position
 from litefspy.store.store import valid_database_name
 from litefspy.v1 import data_pb2 as pb
-
-if TYPE_CHECKING:
-    from litefspy.services import NodeView
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,8 @@ class DataService:
         self.node = node
 
     def register(self, server: GRPCServer) -> None:
-        server.add_client_stream(IMPORT_METHOD, self.import_, pb.ImportRequest, pb.ImportReply)
-        server.add_server_stream(EXPORT_METHOD, self.export, pb.ExportRequest, pb.ExportChunk)
+        server.add_client_stream(IMPORT_METHOD, self.import_)
+        server.add_server_stream(EXPORT_METHOD, self.export)
 
     @property
     def _hostname(self) -> str:

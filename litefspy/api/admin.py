@@ -1,14 +1,15 @@
-"""`Admin.Status`: what a node reports about itself, and its JSON form.
+"""The Admin service: `Status` (what a node reports about itself), `Promote`, `Handoff`.
 
 `StatusService.reply` builds the protobuf reply on the node (trio side);
-`status_to_dict` turns a reply into the object `litefspy status --json` prints
-(docs/INTERFACE.md), so the CLI and tests share one definition of the fields.
-The other Admin methods (`Promote`, `Handoff`) are served by the node; their
-full names are here so that the node and the CLI share them.
+`litefspy.rpc.convert.status_to_dict` turns a reply into the object
+`litefspy status --json` prints (docs/INTERFACE.md).
+`AdminService` serves the other Admin methods (`Promote`, `Handoff`), which
+delegate to `litefspy.cluster.handoff`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -18,17 +19,18 @@ from typing import Any
 
 import trio
 
+from litefspy.cluster.handoff import PROMOTE_TIMEOUT, Handoffs
+from litefspy.cluster.roles import Cluster
+from litefspy.cluster.state import RoleSnapshot
 from litefspy.errors import SQLiteFormatError
-from litefspy.replication.client import ReplicationClient
-from litefspy.replication.server import ReplicationServer
+from litefspy.lease.base import PrimaryInfo
+from litefspy.rpc.errors import Code, RPCRefused
+from litefspy.rpc.methods import HANDOFF_METHOD, PROMOTE_METHOD
+from litefspy.rpc.server import GRPCServer
 from litefspy.sqlite.header import HEADER_SIZE, parse_database_header
 from litefspy.store.database import Database, FileKind
 from litefspy.store.store import Store
 from litefspy.v1 import admin_pb2 as pb
-
-_ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
-PROMOTE_METHOD = f"/{_ADMIN}/Promote"
-HANDOFF_METHOD = f"/{_ADMIN}/Handoff"
 
 
 @dataclass(frozen=True)
@@ -39,28 +41,6 @@ class NodeDescription:
     hostname: str
     advertise_url: str
     lease_type: str
-
-
-@dataclass(frozen=True)
-class RoleSnapshot:
-    """The node's role and lease at one moment (the node builds it on each request).
-
-    `server` is set while this node is the primary, `client` while it follows
-    one (or waits for one). `expires_in_ms` is None unless this node holds a
-    lease that expires; `holder` is the hostname the lease engine names (None
-    when unknown or for a static lease).
-    """
-
-    role: str
-    epoch: int
-    cluster_id: str
-    candidate: bool
-    server: ReplicationServer | None = None
-    client: ReplicationClient | None = None
-    expires_in_ms: int | None = None
-    holder: str | None = None
-    # (ready, why not): see Node.readiness.
-    ready: tuple[bool, str] = (True, "")
 
 
 @dataclass(frozen=True)
@@ -109,6 +89,31 @@ def _describe_databases(facts: list[_DatabaseFacts]) -> list[tuple[_DatabaseFact
         size = f.committed_size if f.committed_size is not None else _file_size(f.database)
         out.append((f, mode, size if f.exists else 0))
     return out
+
+
+def role_snapshot(cluster: Cluster) -> RoleSnapshot:
+    """The role and lease `Admin.Status` shows, at this moment."""
+    lease = cluster.lease if cluster.is_primary() else None
+    expires_in: int | None = None
+    if lease is not None and math.isfinite(lease.deadline()):
+        expires_in = max(0, int((lease.deadline() - trio.current_time()) * 1000))
+    holder: str | None = None
+    if cluster.leaser is not None and not cluster.leaser.fixed_primary:
+        if lease is not None:
+            holder = cluster.hostname
+        elif cluster.lease_state is not None and cluster.lease_state.primary is not None:
+            holder = cluster.lease_state.primary.hostname
+    return RoleSnapshot(
+        role=cluster.state.role,
+        epoch=cluster.lease_epoch(),
+        cluster_id=cluster.cluster_id,
+        candidate=cluster.candidate,
+        server=cluster.server if cluster.is_primary() else None,
+        client=cluster.client,
+        expires_in_ms=expires_in,
+        holder=holder,
+        ready=cluster.readiness(),
+    )
 
 
 class StatusService:
@@ -277,113 +282,43 @@ def _facts(db: Database) -> _DatabaseFacts:
     )
 
 
-def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
-    """The JSON object of `litefspy status --json` (docs/INTERFACE.md)."""
-    out: dict[str, Any] = {
-        "node": {
-            "id": reply.node.id,
-            "hostname": reply.node.hostname,
-            "advertise_url": reply.node.advertise_url,
-        },
-        "role": reply.role,
-        "primary": (
-            {
-                "id": reply.primary.id,
-                "hostname": reply.primary.hostname,
-                "advertise_url": reply.primary.advertise_url,
-            }
-            if reply.HasField("primary")
-            else None
-        ),
-        "lease": {
-            "type": reply.lease.type,
-            "epoch": reply.lease.epoch,
-            "expires_in_ms": (
-                reply.lease.expires_in_ms if reply.lease.HasField("expires_in_ms") else None
-            ),
-        },
-        "cluster_id": reply.cluster_id or None,
-        "candidate": reply.candidate,
-        "ready": reply.ready,
-        "not_ready_reason": reply.not_ready_reason or None,
-        "progress": [
-            {
-                "kind": p.kind,
-                "name": p.name,
-                "done_bytes": p.done_bytes,
-                "total_bytes": p.total_bytes,
-                "percent": (
-                    round(100.0 * p.done_bytes / p.total_bytes, 1) if p.total_bytes else None
-                ),
-                "rate_bytes_per_second": round(p.rate_bytes_per_second),
-                "elapsed_ms": p.elapsed_ms,
-                "phase": p.phase or None,
-            }
-            for p in reply.progress
-        ],
-        "databases": [
-            {
-                "name": d.name,
-                "txid": f"{d.txid:016x}",
-                "checksum": f"{d.checksum:016x}",
-                "journal_mode": d.journal_mode,
-                "size_bytes": d.size_bytes,
-                "lag_ms": d.lag_ms,
-                "exists": d.exists,
-                "halt_holder": d.halt_holder if d.HasField("halt_holder") else None,
-            }
-            for d in reply.databases
-        ],
-        "replicas": [
-            {
-                "node": r.node.id,
-                "hostname": r.node.hostname,
-                "advertise_url": r.node.advertise_url,
-                "connected_at_ms": r.connected_at_ms,
-                "files_sent": r.files_sent,
-                "snapshots_sent": r.snapshots_sent,
-                "bytes_sent": r.bytes_sent,
-                "ready": r.ready,
-                "databases": [{"name": d.name, "txid": f"{d.txid:016x}"} for d in r.databases],
-            }
-            for r in reply.replicas
-        ],
-    }
-    # Only engines that elect a holder have one to show (a static lease has none).
-    if reply.lease.HasField("holder"):
-        out["lease"]["holder"] = reply.lease.holder
-    if reply.HasField("replication"):
-        r = reply.replication
-        out["replication"] = {
-            "connected": r.connected,
-            "ready": r.ready,
-            "connects": r.connects,
-            "files_applied": r.files_applied,
-            "snapshots_applied": r.snapshots_applied,
-            "bytes_received": r.bytes_received,
-            "apply_errors": r.apply_errors,
-            "last_error": r.last_error or None,
-            "last_error_age_ms": r.last_error_age_ms if r.last_error else None,
-            "last_error_healed": r.last_error_healed,
-        }
-    if reply.HasField("backup"):
-        b = reply.backup
-        out["backup"] = {
-            "target": b.target,
-            "uploading": b.uploading,
-            "bytes_uploaded": b.bytes_uploaded,
-            "objects_uploaded": b.objects_uploaded,
-            "errors": b.errors,
-            "databases": [
-                {
-                    "name": d.name,
-                    "uploaded_txid": f"{d.uploaded_txid:016x}",
-                    "lag_ms": d.lag_ms,
-                    "lag_txids": d.lag_txids,
-                    "last_error": d.last_error or None,
-                    "last_error_age_ms": d.last_error_age_ms if d.last_error else None,
-                }
-                for d in b.databases
+class AdminService:
+    """`Admin.Promote` and `Admin.Handoff`: parse the request, ask `Handoffs`, reply."""
+
+    def __init__(self, handoffs: Handoffs) -> None:
+        self.handoffs = handoffs
+
+    def register(self, server: GRPCServer) -> None:
+        """Add Promote and Handoff to the server (Status is its built-in handler)."""
+        server.add_unary(PROMOTE_METHOD, self.promote)
+        server.add_unary(HANDOFF_METHOD, self.handoff)
+
+    async def promote(self, request: pb.PromoteRequest) -> pb.PromoteReply:
+        """Target side of `litefspy run --promote`: become primary through a handoff."""
+        cluster = self.handoffs.cluster
+        if cluster.is_primary():
+            return pb.PromoteReply(already_primary=True, epoch=cluster.lease_epoch())
+        previous = await self.handoffs.promote(request.timeout_seconds or PROMOTE_TIMEOUT)
+        return pb.PromoteReply(epoch=cluster.lease_epoch(), previous_primary=previous)
+
+    async def handoff(self, request: pb.HandoffRequest) -> pb.HandoffReply:
+        """Primary side: stop writes, let the target catch up, hand it the lease."""
+        self.handoffs.check_primary()
+        try:
+            target_id = int(request.target.id, 16)
+        except ValueError:
+            raise RPCRefused(
+                Code.INVALID_ARGUMENT, f"invalid node id {request.target.id!r}"
+            ) from None
+        target = PrimaryInfo(
+            hostname=request.target.hostname,
+            advertise_url=request.target.advertise_url,
+            node_id=request.target.id,
+        )
+        token, positions = await self.handoffs.hand_off(target_id, target)
+        return pb.HandoffReply(
+            token=token.to_json(),
+            positions=[
+                pb.HandoffPosition(name=p.name, txid=p.txid, checksum=p.checksum) for p in positions
             ],
-        }
-    return out
+        )

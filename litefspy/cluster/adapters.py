@@ -1,7 +1,9 @@
-"""What the proxy and the metrics endpoint need, computed from a `NodeView`.
+"""What the mount, the proxy and the metrics endpoint need, computed from the node.
 
-`NodeProxyState` implements `litefspy.proxy.ProxyState`; `NodeMetricsSource`
-implements `litefspy.metrics.NodeMetricsSource`. Both answer on the trio
+`MountView` implements `litefspy.fuse.ops.ClusterView` (what `.primary` and
+`.lag` show); `NodeProxyState` implements `litefspy.proxy.ProxyState`;
+`NodeMetricsSource` implements `litefspy.metrics.NodeMetricsSource`. The
+last two read a `NodeView` and answer on the trio
 thread from memory: the proxy's TXID waits are woken by store commits, and
 the metrics' LTX file counts are kept up to date by commit notifications plus
 a periodic recount in a worker thread (retention removes files), so a scrape
@@ -14,10 +16,12 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from litefspy.cluster.roles import Cluster
+from litefspy.cluster.view import NodeView
 from litefspy.config import split_host_port
 from litefspy.errors import NotFoundError
 from litefspy.logs import kv
@@ -26,13 +30,46 @@ from litefspy.proxy import TxidWaiters
 from litefspy.store.database import CommitInfo, Database
 from litefspy.store.store import Store
 
-if TYPE_CHECKING:
-    from litefspy.services import NodeView
-
 log = logging.getLogger(__name__)
 
 # How often the LTX file counts and sizes are recounted from disk.
 LTX_RECOUNT_INTERVAL = 10.0
+
+
+class MountView:
+    """What `.primary` and `.lag` show (`litefspy.fuse.ops.ClusterView`)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def primary_hostname(self) -> str | None:
+        cluster = self._cluster
+        return None if cluster.is_primary() else cluster.client.primary_hostname()
+
+    def lag_ms(self) -> int:
+        return self._cluster.lag_ms()
+
+    def not_ready_reason(self) -> str | None:
+        cluster = self._cluster
+        return None if cluster.readiness()[0] else cluster.not_ready_reason()
+
+
+def replication_stats(cluster: Cluster) -> ReplicationStats:
+    """Both sides of replication since start (metrics)."""
+    totals, stats = cluster.send_totals, cluster.client.stats
+    server = cluster.server if cluster.is_primary() else None
+    return ReplicationStats(
+        files_sent=totals.files,
+        snapshots_sent=totals.snapshots,
+        bytes_sent=totals.bytes,
+        send_errors=totals.errors,
+        replicas=[ReplicaLink(s.hostname, True) for s in (server.sessions if server else [])],
+        connected_to_primary=not cluster.is_primary() and cluster.client.connected,
+        files_applied=stats.files_applied,
+        snapshots_applied=stats.snapshots_applied,
+        bytes_received=stats.bytes_received,
+        receive_errors=stats.errors,
+    )
 
 
 def local_txid(store: Store, name: str) -> int:
