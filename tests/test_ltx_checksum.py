@@ -173,3 +173,35 @@ def test_rolling_checksum_equals_full_recompute(operations: list[tuple[str, int,
     assert sums.page_count == len(f.getvalue()) // page_size
     assert sums == PageChecksums.from_file(f, page_size)
     assert sums.total == checksum_database_file(f, page_size)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 300), st.integers(0, 40), st.integers(0, 1000)),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_set_run_equals_setting_each_page(runs: list[tuple[int, int, int]]) -> None:
+    """Recording a run of consecutive pages at once is the same as one page at a time."""
+    page_size = 512  # the lock page (2097153) is far away: runs never touch it
+    one_by_one, at_once = PageChecksums(page_size), PageChecksums(page_size)
+    for start, n, seed in runs:
+        rng = random.Random(seed)
+        values = [CHECKSUM_FLAG | rng.getrandbits(63) for _ in range(n)]
+        for i, value in enumerate(values):
+            one_by_one.set(start + i, value)
+        at_once.set_run(start, values)
+        assert at_once == one_by_one
+        assert at_once.total == one_by_one.total
+        assert at_once.page_count == one_by_one.page_count
+
+
+def test_set_run_refuses_the_lock_page() -> None:
+    sums = PageChecksums(512)
+    lock = lock_pgno(512)
+    with pytest.raises(LTXError, match="lock page"):
+        sums.set_run(lock - 1, [CHECKSUM_FLAG, CHECKSUM_FLAG])
+    with pytest.raises(LTXError, match="invalid page number"):
+        sums.set_run(0, [CHECKSUM_FLAG])

@@ -174,6 +174,20 @@ def test_round_trip(case: tuple[Header, list[tuple[int, bytes]]]) -> None:
         assert len(raw) == HEADER_SIZE + len(pages) * (4 + header.page_size) + 4 + TRAILER_SIZE
 
 
+@settings(max_examples=60, deadline=None)
+@given(ltx_files())
+def test_pages_with_checksums_give_each_pages_checksum(
+    case: tuple[Header, list[tuple[int, bytes]]],
+) -> None:
+    header, pages = case
+    raw, trailer = encode(header, pages)
+    dec = Decoder(io.BytesIO(raw))
+    got = list(dec.pages_with_checksums())
+    assert [(pgno, data) for pgno, data, _ in got] == pages
+    assert [ck for _, _, ck in got] == [page_checksum(pgno, data) for pgno, data in pages]
+    assert dec.trailer == trailer
+
+
 def test_compressed_body_is_one_lz4_frame() -> None:
     import lz4.frame
 

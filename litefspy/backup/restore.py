@@ -34,7 +34,7 @@ from litefspy.backup.layout import (
 )
 from litefspy.backup.target import Target
 from litefspy.errors import BackupError, LTXError
-from litefspy.ltx.checksum import PageChecksums, page_checksum
+from litefspy.ltx.checksum import PageChecksums
 from litefspy.ltx.decoder import Decoder
 from litefspy.ltx.files import fsync_dir
 
@@ -193,17 +193,20 @@ def _apply_pieces(
                     sums = PageChecksums(header.page_size)
                 size = header.page_size
                 run: list[bytes] = []  # consecutive pages, written with one call
+                run_sums: list[int] = []  # and their checksums, recorded with one call
                 start = 0
-                for pgno, data in dec.pages():
+                for pgno, data, checksum in dec.pages_with_checksums():
                     if run and (pgno != start + len(run) or len(run) >= _RUN_PAGES):
                         os.pwrite(fd, b"".join(run), (start - 1) * size)
-                        run = []
+                        sums.set_run(start, run_sums)
+                        run, run_sums = [], []
                     if not run:
                         start = pgno
                     run.append(data)
-                    sums.set(pgno, page_checksum(pgno, data))
+                    run_sums.append(checksum)
                 if run:
                     os.pwrite(fd, b"".join(run), (start - 1) * size)
+                    sums.set_run(start, run_sums)
                 sums.truncate(header.commit)
                 os.ftruncate(fd, header.commit * size)
                 if dec.trailer.post_apply_checksum != sums.total:

@@ -219,6 +219,21 @@ class PageChecksums:
         self._cks[pgno - 1] = checksum
         self._xor ^= old ^ checksum
 
+    def set_run(self, start: int, checksums: list[int]) -> None:
+        """`set` for pages start, start + 1, ... at once (a run of consecutive pages)."""
+        n = len(checksums)
+        if n == 0:
+            return
+        if start < 1:
+            raise LTXError(f"invalid page number {start}")
+        if start <= self._lock < start + n:
+            raise LTXError(f"page {self._lock} is SQLite's lock page and is never stored")
+        new = array("Q", checksums)
+        self._grow(start - 1)
+        replaced = self._cks[start - 1 : start - 1 + n]
+        self._cks[start - 1 : start - 1 + n] = new  # extends the array past its end
+        self._xor ^= _xor_of(replaced) ^ _xor_of(new)
+
     def update_page(self, pgno: int, data: bytes | bytearray | memoryview) -> int:
         """Compute a page's checksum from its contents, record it and return it."""
         if len(data) != self.page_size:
@@ -296,6 +311,13 @@ class PageChecksums:
             f"PageChecksums(page_size={self.page_size}, page_count={self.page_count}, "
             f"total={self.total:016x})"
         )
+
+
+def _xor_of(values: array[int]) -> int:
+    """XOR of unsigned 64-bit values (numpy: one pass in C)."""
+    if not values:
+        return 0
+    return int(np.bitwise_xor.reduce(np.frombuffer(values, dtype=np.uint64)))
 
 
 def _name_of(f: BinaryIO) -> str:

@@ -9,7 +9,7 @@ from typing import BinaryIO
 import lz4.frame
 
 from litefspy.errors import LTXChecksumError, LTXError
-from litefspy.ltx.checksum import crc64, page_checksum
+from litefspy.ltx.checksum import crc64
 from litefspy.ltx.files import StrPath
 from litefspy.ltx.format import (
     CHECKSUM_FLAG,
@@ -99,6 +99,11 @@ class _Body:
             self._data, self._pos = chunk, min(take, len(chunk))
         return b"".join(parts)
 
+    def unread(self, data: bytes) -> None:
+        """Put `data` (the end of the last read) back in front of what follows."""
+        if data:
+            self._data, self._pos = data + self._data[self._pos :], 0
+
     def rest(self) -> bytes:
         """Bytes after the page block that were already read from the file.
 
@@ -144,11 +149,32 @@ class Decoder:
 
     def pages(self) -> Iterator[tuple[int, bytes]]:
         """Yield (pgno, page bytes) in file order, then verify the trailer."""
+        for pgno, data, _ in self._records():
+            yield pgno, data
+
+    def pages_with_checksums(self) -> Iterator[tuple[int, bytes, int]]:
+        """`pages()` with each page's checksum (`page_checksum(pgno, data)`).
+
+        The checksum is computed from the page's record as stored (the page
+        number then the page), so no second pass over the page is needed.
+        """
+        for pgno, data, record in self._records():
+            yield pgno, data, CHECKSUM_FLAG | crc64(record)
+
+    def _records(self) -> Iterator[tuple[int, bytes, bytes]]:
+        """(pgno, page, its whole record) for each page, checking the format's rules.
+
+        One read per page: the page number and the page together. At the
+        terminator that read may take bytes from beyond it (the trailer of
+        an uncompressed file, or stray data in an LZ4 frame), which go back
+        to the body for the trailer checks.
+        """
         if self._started:
             raise LTXError("LTX decoder: pages() can be iterated only once")
         self._started = True
         header = self.header
         page_size = header.page_size
+        record_size = PAGE_HEADER_SIZE + page_size
         commit = header.commit
         lock = lock_pgno(page_size)
         snapshot = header.is_snapshot
@@ -156,14 +182,15 @@ class Decoder:
         crc = self._crc
         last = 0
         while True:
-            raw = body.read(PAGE_HEADER_SIZE)
-            if len(raw) < PAGE_HEADER_SIZE:
+            record = body.read(record_size)
+            if len(record) < PAGE_HEADER_SIZE:
                 raise LTXError(
                     f"truncated: the page block ends after page {last} without its terminator"
                 )
-            crc = crc64(raw, crc)
-            pgno = int.from_bytes(raw, "big")
+            pgno = int.from_bytes(record[:PAGE_HEADER_SIZE], "big")
             if pgno == 0:
+                body.unread(record[PAGE_HEADER_SIZE:])
+                crc = crc64(record[:PAGE_HEADER_SIZE], crc)
                 break
             if pgno <= last:
                 raise LTXError(f"corrupt: page {pgno} follows page {last} (must ascend)")
@@ -175,12 +202,11 @@ class Decoder:
                 expected = last + 2 if last + 1 == lock else last + 1
                 if pgno != expected:
                     raise LTXError(f"corrupt: snapshot is missing page {expected}")
-            data = body.read(page_size)
-            if len(data) < page_size:
+            if len(record) < record_size:
                 raise LTXError(f"truncated: the file ends inside page {pgno}")
-            crc = crc64(data, crc)
+            crc = crc64(record, crc)
             last = pgno
-            yield pgno, data
+            yield pgno, record[PAGE_HEADER_SIZE:], record
         if snapshot:
             expected_last = commit - 1 if commit == lock else commit
             if last != expected_last:
@@ -240,11 +266,15 @@ def _check_file(path: StrPath, *, keep: bool) -> tuple[Header, Trailer, list[tup
             dec = Decoder(f)
             snapshot = dec.header.is_snapshot
             xor = 0
-            for pgno, data in dec.pages():
-                if snapshot:
-                    xor ^= page_checksum(pgno, data)
-                if keep:
-                    pages.append((pgno, data))
+            if snapshot:  # its pages must add up to its post-apply checksum
+                for pgno, data, checksum in dec.pages_with_checksums():
+                    xor ^= checksum
+                    if keep:
+                        pages.append((pgno, data))
+            else:
+                for page in dec.pages():
+                    if keep:
+                        pages.append(page)
             trailer = dec.trailer
         if snapshot and trailer.post_apply_checksum != CHECKSUM_FLAG | xor:
             raise LTXChecksumError(
