@@ -199,7 +199,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from litefspy.dataservice import IMPORT_METHOD
     from litefspy.progress import IMPORT
     from litefspy.replication.bridge import RemoteError, call_client_stream
-    from litefspy.store.store import validate_sqlite_file
+    from litefspy.store.files import validate_sqlite_file
     from litefspy.v1 import data_pb2 as pb
 
     name, path = args.name, Path(args.path)
@@ -240,7 +240,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from litefspy.dataservice import EXPORT_METHOD
-    from litefspy.ltx.files import fsync_dir
+    from litefspy.fsutil import fsync_dir
     from litefspy.progress import EXPORT
     from litefspy.replication.bridge import RemoteError, call_server_stream
     from litefspy.v1 import data_pb2 as pb

@@ -23,8 +23,8 @@ from litefspy.errors import DatabaseError, NotFoundError
 from litefspy.logs import kv
 from litefspy.progress import EXPORT, IMPORT, Progress
 from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
-from litefspy.store.database import Position
-from litefspy.store.store import valid_database_name
+from litefspy.store.files import valid_database_name
+from litefspy.store.types import Position
 from litefspy.v1 import data_pb2 as pb
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from litefspy.errors import LitefspyError, NotFoundError
 from litefspy.logs import kv
 from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
 from litefspy.replication.bridge import Code, GRPCServer, RPCRefused
-from litefspy.store.database import CommitInfo
+from litefspy.store.types import CommitInfo
 from litefspy.v1 import data_pb2 as pb
 
 if TYPE_CHECKING:

@@ -51,7 +51,8 @@ from litefspy.replication.bridge import (
     acall_unary,
     open_server_stream,
 )
-from litefspy.store.store import Halt, valid_database_name
+from litefspy.store.files import valid_database_name
+from litefspy.store.store import Halt
 from litefspy.v1 import halt_pb2 as pb
 
 if TYPE_CHECKING:

@@ -76,8 +76,8 @@ from litefspy.replication.status import (
     RoleSnapshot,
     StatusService,
 )
-from litefspy.store.database import Position
 from litefspy.store.store import Store
+from litefspy.store.types import Position
 from litefspy.v1 import admin_pb2, replication_pb2
 
 if TYPE_CHECKING:

@@ -34,9 +34,9 @@ from litefspy.backup.layout import (
 )
 from litefspy.backup.target import Target
 from litefspy.errors import BackupError, LTXError
+from litefspy.fsutil import fsync_dir
 from litefspy.ltx.checksum import PageChecksums, page_checksum
 from litefspy.ltx.decoder import Decoder
-from litefspy.ltx.files import fsync_dir
 
 log = logging.getLogger(__name__)
 

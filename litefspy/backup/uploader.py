@@ -48,8 +48,9 @@ from litefspy.errors import BackupError, LitefspyError, LTXError
 from litefspy.logs import kv
 from litefspy.ltx.encoder import Encoder
 from litefspy.ltx.format import CHECKSUM_FLAG, HEADER_SIZE, TRAILER_SIZE, Header, Trailer
-from litefspy.store.database import Database, Position
+from litefspy.store.database import Database
 from litefspy.store.store import Store
+from litefspy.store.types import Position
 
 log = logging.getLogger(__name__)
 

@@ -57,8 +57,10 @@ from litefspy.fuse.inodes import (
 from litefspy.logs import kv
 from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
 from litefspy.sqlite.header import parse_database_header
-from litefspy.store.database import Database, FileKind, errno_for
-from litefspy.store.store import Store, valid_database_name
+from litefspy.store.database import Database
+from litefspy.store.files import valid_database_name
+from litefspy.store.store import Store
+from litefspy.store.types import FileKind, errno_for
 
 log = logging.getLogger(__name__)
 

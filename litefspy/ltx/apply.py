@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from litefspy.errors import LTXChecksumError, LTXError, SQLiteFormatError
+from litefspy.fsutil import StrPath, atomic_write, fsync_dir
 from litefspy.ltx.checksum import READ_CHUNK, PageChecksums, page_checksum, read_exactly_into
 from litefspy.ltx.decoder import Decoder
 from litefspy.ltx.encoder import Encoder
-from litefspy.ltx.files import StrPath, atomic_write, fsync_dir
 from litefspy.ltx.format import (
     CHECKSUM_FLAG,
     FLAG_COMPRESS,

@@ -8,8 +8,8 @@ from typing import BinaryIO
 import lz4.frame
 
 from litefspy.errors import LTXError
+from litefspy.fsutil import StrPath, atomic_write
 from litefspy.ltx.checksum import crc64
-from litefspy.ltx.files import StrPath, atomic_write
 from litefspy.ltx.format import (
     CHECKSUM_FLAG,
     PAGE_HEADER_SIZE,

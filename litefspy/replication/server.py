@@ -38,8 +38,9 @@ from litefspy.logs import kv
 from litefspy.progress import SNAPSHOT_SEND, Progress
 from litefspy.replication.bridge import Code, Frame, RPCRefused
 from litefspy.replication.ltxfile import CHUNK_SIZE, OpenLTX, open_ltx
-from litefspy.store.database import CommitInfo, Database, Position
+from litefspy.store.database import Database
 from litefspy.store.store import Store
+from litefspy.store.types import CommitInfo, Position
 from litefspy.v1 import replication_pb2 as pb
 
 log = logging.getLogger(__name__)

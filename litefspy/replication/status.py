@@ -22,8 +22,9 @@ from litefspy.errors import SQLiteFormatError
 from litefspy.replication.client import ReplicationClient
 from litefspy.replication.server import ReplicationServer
 from litefspy.sqlite.header import HEADER_SIZE, parse_database_header
-from litefspy.store.database import Database, FileKind
+from litefspy.store.database import Database
 from litefspy.store.store import Store
+from litefspy.store.types import FileKind
 from litefspy.v1 import admin_pb2 as pb
 
 _ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name

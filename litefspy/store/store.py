@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,135 +23,40 @@ from litefspy.errors import (
     ReadOnlyError,
     RecoveryError,
     ReplicationError,
-    SQLiteFormatError,
 )
+from litefspy.fsutil import fsync_dir, sync_files
 from litefspy.logs import kv
 from litefspy.ltx.apply import apply_files
 from litefspy.ltx.checksum import PageChecksums, page_checksum
 from litefspy.ltx.decoder import Decoder, read_verified, verify_file
 from litefspy.ltx.format import Header, Trailer, lock_pgno
+from litefspy.ltx.peek import post_apply_checksum
 from litefspy.progress import Progress, ProgressBoard
-from litefspy.sqlite.header import parse_database_header
 from litefspy.sqlite.journal import (
     JOURNAL_HEADER_SIZE,
     parse_journal_header,
     read_super_journal_name,
     super_journal_children,
 )
-from litefspy.store.database import (
-    ChecksumChanges,
-    CommitInfo,
-    Database,
-    FileKind,
-    Forwarder,
-    Position,
-    fsync_dir,
-    post_apply_checksum,
-    sync_files,
-    write_snapshot,
+from litefspy.store import recovery, transfer
+from litefspy.store.database import Database
+from litefspy.store.files import (
+    is_super_journal_name,
+    load_node_id,
+    read_page_size,
+    valid_database_name,
+    validate_sqlite_file,
 )
 from litefspy.store.keeper import LockKeeper
 from litefspy.store.locks import Held, HeldLocks
 from litefspy.store.owner import lock_data_dir
+from litefspy.store.types import ChecksumChanges, CommitInfo, FileKind, Forwarder, Position
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# Names the mount accepts as databases: no path separators, no sidecar suffixes,
-# nothing hidden (dot-names are litefspy's own special files).
-_NAME_RE = re.compile(r"^[^/\x00.][^/\x00]{0,200}$")
-SIDECAR_SUFFIXES = ("-journal", "-wal", "-shm", "-pos")
-# SQLite's super-journal of a multi-database transaction: MAIN-mj + 6 hex digits,
-# a 9, 2 hex digits (sqlite3VdbeHalt's "-mj%06X9%02X").
-_SUPER_JOURNAL_RE = re.compile(r"^(.+)-mj[0-9A-F]{6}9[0-9A-F]{2}$")
 # LTX files up to this size are verified on the trio thread (a few tens of us).
 INLINE_VERIFY_BYTES = 256 * 1024
-
-
-def valid_database_name(name: str) -> bool:
-    """True if `name` can be a database inside the mount."""
-    return (
-        bool(_NAME_RE.match(name))
-        and not name.endswith(SIDECAR_SUFFIXES)
-        and not is_super_journal_name(name)
-    )
-
-
-def is_super_journal_name(name: str) -> bool:
-    """True if `name` is one SQLite gives the super-journal of a multi-database commit."""
-    match = _SUPER_JOURNAL_RE.match(name)
-    return match is not None and bool(_NAME_RE.match(match.group(1)))
-
-
-def load_node_id(data_dir: Path) -> int:
-    """The node's persistent 64-bit id (LTX node ID field), created on first start."""
-    path = data_dir / "id"
-    try:
-        text = path.read_text().strip()
-        value = int(text, 16)
-        if value > 0:
-            return value
-    except FileNotFoundError:
-        pass
-    except ValueError as exc:
-        raise DatabaseError(
-            f"{path} is corrupt ({text!r}); delete it to get a new node id"
-        ) from exc
-    value = secrets.randbits(63) | 1
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{value:016X}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    fsync_dir(data_dir)
-    return value
-
-
-def validate_sqlite_file(path: Path) -> tuple[int, int]:
-    """(page size, page count) of a valid SQLite database file, or a clear error."""
-    try:
-        with open(path, "rb") as f:
-            header = parse_database_header(f.read(100))
-    except FileNotFoundError as exc:
-        raise DatabaseError(f"{path}: no such file") from exc
-    except SQLiteFormatError as exc:
-        raise DatabaseError(f"{path}: {exc}") from exc
-    size = path.stat().st_size
-    if size == 0 or size % header.page_size:
-        raise DatabaseError(
-            f"{path} is {size} bytes, not a whole number of {header.page_size}-byte pages "
-            "(truncated or not a SQLite database)"
-        )
-    pages = size // header.page_size
-    if header.page_count_valid and header.page_count > pages:
-        raise DatabaseError(
-            f"{path} is incomplete: its header says {header.page_count} pages, the file "
-            f"has {pages} (a copy cut short?)"
-        )
-    if Path(f"{path}-wal").exists() and Path(f"{path}-wal").stat().st_size > 0:
-        raise DatabaseError(f"{path} has a non-empty -wal file; checkpoint it before importing")
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            result = conn.execute("PRAGMA integrity_check").fetchall()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise DatabaseError(f"{path} failed to open as SQLite: {exc}") from exc
-    if result != [("ok",)]:
-        detail = "; ".join(str(r[0]) for r in result[:3])
-        raise DatabaseError(f"{path} failed PRAGMA integrity_check: {detail}")
-    return header.page_size, size // header.page_size
-
-
-def read_page_size(path: Path) -> int:
-    """The page size in a database file's header, 0 if it has none."""
-    try:
-        with open(path, "rb") as f:
-            return parse_database_header(f.read(100)).page_size
-    except (OSError, SQLiteFormatError):
-        return 0
 
 
 class CacheInvalidator(Protocol):
@@ -269,7 +172,7 @@ class Store:
             # once it is ready.
             db.on_commit = None
             try:
-                db.recover()
+                recovery.recover(db)
             except RecoveryError as exc:
                 log.error("database offline: %s", exc)
                 self.failed[entry] = str(exc)
@@ -334,7 +237,7 @@ class Store:
         for db in self._dbs.values():
             try:
                 db.sync_pending()
-                db.write_clean_record()
+                recovery.write_clean_record(db)
             except OSError as exc:
                 log.error("could not sync LTX files at shutdown %s: %s", kv(db=db.name), exc)
             db.close()
@@ -500,7 +403,7 @@ class Store:
             out = self.incoming_path(name)
             if progress is not None:
                 progress.next_phase("building snapshot", state.commit * state.page_size)
-            return await trio.to_thread.run_sync(write_snapshot, db, state, out, progress)
+            return await trio.to_thread.run_sync(transfer.write_snapshot, db, state, out, progress)
         finally:
             await trio.to_thread.run_sync(held.release)
 
@@ -638,8 +541,8 @@ class Store:
         self._install_ltx(db, header, src, final, set_aside)
         held = lock()
         try:
-            if db.needs_settling():
-                db.settle(verify=False)
+            if recovery.needs_settling(db):
+                recovery.settle(db, verify=False)
             after = self._write_applied(db, final, header, trailer, current, pages=pages)
             db.end_apply()
             self._after_apply(db.name, wal, held)
@@ -807,7 +710,7 @@ class Store:
             await self._settle_database(db, "demotion")
 
     async def _settle_database(self, db: Database, why: str, *, verify: bool = True) -> None:
-        """Lock every SQLite connection out and leave only committed state (Database.settle).
+        """Lock every SQLite connection out and leave only committed state (recovery.settle).
 
         A database that cannot be settled gets position 0, so the primary
         re-snapshots it.
@@ -819,7 +722,7 @@ class Store:
             log.error("could not lock database to settle it %s: %s", kv(db=db.name, after=why), exc)
             return
         try:
-            done = await trio.to_thread.run_sync(partial(db.settle, verify=verify))
+            done = await trio.to_thread.run_sync(partial(recovery.settle, db, verify=verify))
             await trio.to_thread.run_sync(self._after_apply, db.name, wal)
         except (OSError, DatabaseError) as exc:
             log.error("database needs a snapshot %s: %s", kv(db=db.name, after=why), exc)
@@ -1042,7 +945,9 @@ class Store:
             else HeldLocks()
         )
         try:
-            ltx = await trio.to_thread.run_sync(db.import_file, src, page_size, commit, progress)
+            ltx = await trio.to_thread.run_sync(
+                transfer.import_file, db, src, page_size, commit, progress
+            )
             await trio.to_thread.run_sync(self._after_apply, name, wal)
         finally:
             await trio.to_thread.run_sync(held.release)

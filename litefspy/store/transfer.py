@@ -1,0 +1,162 @@
+"""Moving whole databases in and out: import a file as one TXID, encode snapshots."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from litefspy.errors import DatabaseError
+from litefspy.ltx.checksum import PageChecksums, page_checksum
+from litefspy.ltx.encoder import Encoder
+from litefspy.ltx.format import FLAG_COMPRESS, Header, lock_pgno
+from litefspy.progress import Progress
+from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
+from litefspy.sqlite.header import parse_database_header
+from litefspy.store import capture, recovery
+from litefspy.store.types import CommittedState, FileKind
+
+if TYPE_CHECKING:
+    from litefspy.store.database import Database
+
+
+def import_file(
+    db: Database, src: Path, page_size: int, commit: int, progress: Progress | None = None
+) -> Path:
+    """Replace the database with `src` as one new TXID (worker thread, locks held).
+
+    The LTX file is written first, then the database file, so recovery after a
+    crash in between re-applies the import. `progress` follows each of the
+    three passes over the file.
+    """
+    size = page_size * commit
+    if progress is not None:
+        progress.next_phase("checksumming", size)
+    with open(src, "rb") as f:
+        checksums = PageChecksums.from_file(
+            f, page_size, commit, on_progress=progress.advance if progress else None
+        )
+    src_fd = os.open(src, os.O_RDONLY)
+    db.begin_apply()
+    try:
+        if progress is not None:
+            progress.next_phase("writing the LTX file", size)
+        ltx = capture.write_ltx(
+            db,
+            page_size,
+            commit,
+            _counted(recovery.all_pages(src_fd, page_size, commit), page_size, progress),
+            checksums,
+            full=True,
+            notify=False,
+        )
+        assert ltx is not None
+        db.close()
+        if progress is not None:
+            progress.next_phase("writing the database", size)
+        fd = os.open(db.db_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            pages = _counted(recovery.all_pages(src_fd, page_size, commit), page_size, progress)
+            for pgno, data in pages:
+                os.pwrite(fd, data, (pgno - 1) * page_size)
+            os.ftruncate(fd, commit * page_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        db.end_apply()
+    finally:
+        os.close(src_fd)
+    # Frames of the old database must never be read again.
+    wal = db.path(FileKind.WAL)
+    if wal.exists():
+        os.truncate(wal, 0)
+    db.wal.reset()
+    db.dirty.clear()
+    db.journal_active = False
+    db.is_wal_db = parse_database_header(os.pread(db.db_reader(), DB_HEADER_SIZE, 0)).is_wal
+    return ltx
+
+
+def _counted(
+    pages: Iterator[tuple[int, bytes]], page_size: int, progress: Progress | None
+) -> Iterator[tuple[int, bytes]]:
+    """`pages`, advancing `progress` by each page."""
+    if progress is None:
+        yield from pages
+        return
+    advance = progress.advance
+    for page in pages:
+        yield page
+        advance(page_size)
+
+
+def _read_pages(
+    db_path: Path, wal_path: Path, state: CommittedState
+) -> Iterator[tuple[int, bytes]]:
+    page_size = state.page_size
+    lock = lock_pgno(page_size)
+    db_fd = os.open(db_path, os.O_RDONLY)
+    wal_fd = os.open(wal_path, os.O_RDONLY) if state.wal_index else -1
+    try:
+        for pgno in range(1, state.commit + 1):
+            if pgno == lock:
+                continue
+            off = state.wal_index.get(pgno)
+            if off is not None:
+                data = os.pread(wal_fd, page_size, off)
+            else:
+                data = os.pread(db_fd, page_size, (pgno - 1) * page_size)
+            if len(data) != page_size:
+                data = data.ljust(page_size, b"\0")
+            yield pgno, data
+    finally:
+        os.close(db_fd)
+        if wal_fd >= 0:
+            os.close(wal_fd)
+
+
+def write_snapshot(
+    db: Database, state: CommittedState, out: Path, progress: Progress | None = None
+) -> Path:
+    """Encode the captured committed state as an LTX snapshot and verify its checksum.
+
+    Runs in a worker thread while the caller holds SQLite read locks; `progress`
+    advances by each page read.
+    """
+    checksums = PageChecksums(state.page_size)
+    checksums.truncate(state.commit)
+    header = Header(
+        flags=FLAG_COMPRESS if db.compress else 0,
+        page_size=state.page_size,
+        commit=state.commit,
+        min_txid=1,
+        max_txid=state.pos.txid,
+        timestamp=int(time.time() * 1000),
+        pre_apply_checksum=0,
+        wal_offset=0,
+        wal_size=0,
+        wal_salt1=0,
+        wal_salt2=0,
+        node_id=db.node_id,
+    )
+    with open(out, "wb") as f:
+        enc = Encoder(f, header)
+        advance = progress.advance if progress is not None else None
+        for pgno, data in _read_pages(db.db_path, db.path(FileKind.WAL), state):
+            checksums.set(pgno, page_checksum(pgno, data))
+            enc.write_page(pgno, data)
+            if advance is not None:
+                advance(state.page_size)
+        if checksums.total != state.pos.checksum:
+            f.close()
+            out.unlink(missing_ok=True)
+            raise DatabaseError(
+                f"snapshot of {db.name} at {state.pos}: database checksum "
+                f"{checksums.total:016x} does not match the position; not sending it"
+            )
+        enc.finish(checksums.total)
+        f.flush()
+        os.fsync(f.fileno())
+    return out
