@@ -52,7 +52,7 @@ from litefspy.replication.bridge import (
     open_server_stream,
 )
 from litefspy.store.files import valid_database_name
-from litefspy.store.store import Halt
+from litefspy.store.halt import Halt
 from litefspy.v1 import halt_pb2 as pb
 
 if TYPE_CHECKING:

@@ -1,25 +1,35 @@
-"""Moving whole databases in and out: import a file as one TXID, encode snapshots."""
+"""Moving whole databases in and out: import a file as one TXID, export, snapshots."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from litefspy.errors import DatabaseError
+import trio
+
+from litefspy.errors import DatabaseError, ReadOnlyError
+from litefspy.logs import kv
+from litefspy.ltx.apply import apply_files
 from litefspy.ltx.checksum import PageChecksums, page_checksum
 from litefspy.ltx.encoder import Encoder
 from litefspy.ltx.format import FLAG_COMPRESS, Header, lock_pgno
 from litefspy.progress import Progress
 from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
 from litefspy.sqlite.header import parse_database_header
-from litefspy.store import capture, recovery
-from litefspy.store.types import CommittedState, FileKind
+from litefspy.store import apply, capture, recovery
+from litefspy.store.files import validate_sqlite_file
+from litefspy.store.locks import HeldLocks
+from litefspy.store.types import CommittedState, FileKind, Position
 
 if TYPE_CHECKING:
     from litefspy.store.database import Database
+    from litefspy.store.store import Store
+
+log = logging.getLogger(__name__)
 
 
 def import_file(
@@ -160,3 +170,79 @@ def write_snapshot(
         f.flush()
         os.fsync(f.fileno())
     return out
+
+
+async def snapshot(store: Store, name: str, progress: Progress | None = None) -> Path:
+    """A verified LTX snapshot of the committed state; the caller deletes the file.
+
+    Taken under SQLite read locks (through the mount) so that no commit or
+    checkpoint changes the files while they are read; the commits that happen
+    meanwhile in WAL mode only append frames the snapshot does not read.
+    `progress` (if given) counts the database's bytes as they are read.
+    """
+    db = store.require(name)
+    held = await store.take_locks(name, db.is_wal_mode(), exclusive=False)
+    try:
+        state = db.committed_state()
+        out = store.incoming_path(name)
+        if progress is not None:
+            progress.next_phase("building snapshot", state.commit * state.page_size)
+        return await trio.to_thread.run_sync(write_snapshot, db, state, out, progress)
+    finally:
+        await trio.to_thread.run_sync(held.release)
+
+
+async def import_database(
+    store: Store, name: str, src: Path, progress: Progress | None = None
+) -> Position:
+    """Primary: replace (or create) database `name` with the SQLite file `src`.
+
+    The file is validated first (header, `PRAGMA integrity_check`); then, with
+    every SQLite reader and writer of `name` locked out through the mount, the
+    import is recorded as one new TXID (replicas receive it like any other) and
+    the kernel's and SQLite's caches are invalidated so open connections see
+    the new content.
+    """
+    if not store.writable:
+        raise ReadOnlyError(f"cannot import {name}: this node is a replica")
+    if progress is not None:
+        progress.set_detail("integrity check")
+    page_size, commit = await trio.to_thread.run_sync(validate_sqlite_file, src)
+    db = store.get(name) or store.create(name)
+    wal = db.is_wal_mode()
+    # A new database has no SQLite user to lock out (and the mount may be
+    # holding lookups of its name until the import is done).
+    if progress is not None:
+        progress.set_detail("waiting for SQLite locks")
+    held = (
+        await store.take_locks(name, wal, exclusive=True, writers=True)
+        if db.exists()
+        else HeldLocks()
+    )
+    try:
+        ltx = await trio.to_thread.run_sync(import_file, db, src, page_size, commit, progress)
+        await trio.to_thread.run_sync(apply.after_apply, store, name, wal)
+    finally:
+        await trio.to_thread.run_sync(held.release)
+    log.info("imported database %s", kv(db=name, src=src, pos=db.pos))
+    store.notify(db.commit_info(ltx))
+    return db.pos
+
+
+async def export_database(
+    store: Store, name: str, out: Path, progress: Progress | None = None
+) -> Position:
+    """Write a consistent copy of `name` (its committed state) to `out`."""
+    db = store.require(name)
+    snap = await snapshot(store, name, progress)
+    if progress is not None:
+        progress.set_detail("writing the copy")
+    try:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        txid, checksum = await trio.to_thread.run_sync(apply_files, tmp, [snap])
+        await trio.to_thread.run_sync(os.replace, tmp, out)
+    finally:
+        snap.unlink(missing_ok=True)
+    del db
+    return Position(txid, checksum)
