@@ -75,7 +75,7 @@ class EventHub:
 
     def register(self, server: GRPCServer) -> None:
         """Listen to the node and serve `Data.Events` on `server`."""
-        self.node.store.subscribe(self._on_commit)
+        self.node.store.feed.subscribe(self._on_commit)
         self.node.on_role_change(self._on_role_change)
         self.node.on_backup_event(self._on_backup)
         server.add_server_stream(EVENTS_METHOD, self.stream, pb.EventsRequest, pb.Event)

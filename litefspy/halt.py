@@ -324,23 +324,12 @@ class HaltService:
     async def _catch_up(self, name: str, txid: int, checksum: int, primary: str) -> None:
         """Wait until this replica has applied everything up to the primary's position."""
         store = self.node.store
-        changed = trio.Event()
-
-        def on_commit(info: object) -> None:
-            nonlocal changed
-            changed.set()
-            changed = trio.Event()
-
-        unsubscribe = store.subscribe(on_commit)
-        try:
-            with trio.move_on_after(CATCH_UP_TIMEOUT):
-                while True:
-                    db = store.get(name)
-                    if db is not None and db.pos.txid >= txid:
-                        break
-                    await changed.wait()
-        finally:
-            unsubscribe()
+        with store.feed.watch() as commits, trio.move_on_after(CATCH_UP_TIMEOUT):
+            while True:
+                db = store.get(name)
+                if db is not None and db.pos.txid >= txid:
+                    break
+                await commits.wait()
         db = store.get(name)
         if db is None or db.pos.txid < txid:
             raise RPCRefused(

@@ -139,7 +139,7 @@ class ReplicationServer:
         # With `_ending`: send everything up to the final positions before End.
         self._drain = False
         self._no_sessions = trio.Event()
-        self._unsubscribe = store.subscribe(self._on_commit)
+        self._unsubscribe = store.feed.subscribe(self._on_commit)
 
     def close(self) -> None:
         """Stop listening to commits."""

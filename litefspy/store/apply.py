@@ -139,7 +139,9 @@ async def _apply_verified(
     after = await trio.to_thread.run_sync(apply_in_thread)
     pos = Position(header.max_txid, trailer.post_apply_checksum)
     db.applied(pos, after if header.commit else None)
-    store.notify(CommitInfo(name, header.max_txid, final, final.stat().st_size, header.timestamp))
+    store.feed.publish(
+        CommitInfo(name, header.max_txid, final, final.stat().st_size, header.timestamp)
+    )
     return pos
 
 

@@ -182,7 +182,7 @@ async def apply_forwarded(store: Store, halt: Halt, data: bytes | Path) -> Posit
         "applied forwarded transaction %s",
         kv(db=name, txid=f"{pos.txid:016x}", holder=halt.holder),
     )
-    store.notify(CommitInfo(name, pos.txid, final, final.stat().st_size, header.timestamp))
+    store.feed.publish(CommitInfo(name, pos.txid, final, final.stat().st_size, header.timestamp))
     return pos
 
 

@@ -36,6 +36,7 @@ from litefspy.sqlite.journal import (
 from litefspy.store import apply, recovery, transfer
 from litefspy.store import halt as halts
 from litefspy.store.database import Database
+from litefspy.store.feed import CommitFeed
 from litefspy.store.files import (
     is_super_journal_name,
     load_node_id,
@@ -45,7 +46,7 @@ from litefspy.store.halt import Halt
 from litefspy.store.keeper import LockKeeper
 from litefspy.store.locks import Held, HeldLocks
 from litefspy.store.owner import lock_data_dir
-from litefspy.store.types import CommitInfo, FileKind, Forwarder, Position
+from litefspy.store.types import FileKind, Forwarder, Position
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ class Store:
         self._dbs: dict[str, Database] = {}
         # Databases whose recovery refused to guess: name -> message. They stay offline.
         self.failed: dict[str, str] = {}
-        self._listeners: list[Callable[[CommitInfo], None]] = []
+        # Every new LTX file is announced here (commits, applies, imports).
+        self.feed = CommitFeed()
         self.writable = True
         self.tmp_dir = self.data_dir / "tmp"
         self.locks: LockKeeper | None = None
@@ -146,7 +148,7 @@ class Store:
                 self.failed[entry] = str(exc)
                 db.close()
                 continue
-            db.on_commit = self.notify
+            db.on_commit = self.feed.publish
             self._dbs[entry] = db
             log.info("database ready %s", kv(db=entry, pos=db.pos))
         self._remove_finished_super_journals()
@@ -233,25 +235,12 @@ class Store:
             node_id=self.node_id,
             compress=self.compress,
             strict_verify=self.strict_verify,
-            on_commit=self.notify,
+            on_commit=self.feed.publish,
             super_journal_exists=self.super_journal_exists,
         )
         db.writable = self.writable
         db.progress = self.progress
         return db
-
-    def notify(self, info: CommitInfo) -> None:
-        for listener in list(self._listeners):
-            listener(info)
-
-    def subscribe(self, listener: Callable[[CommitInfo], None]) -> Callable[[], None]:
-        """Call `listener` after every new LTX file; returns an unsubscribe function.
-
-        Listeners run inside the FUSE handler that committed, so they must only
-        record the fact (e.g. set a trio.Event), never block.
-        """
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
 
     def set_writable(self, writable: bool) -> None:
         """Primary (True) or replica (False)."""

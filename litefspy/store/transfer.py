@@ -225,7 +225,7 @@ async def import_database(
     finally:
         await trio.to_thread.run_sync(held.release)
     log.info("imported database %s", kv(db=name, src=src, pos=db.pos))
-    store.notify(db.commit_info(ltx))
+    store.feed.publish(db.commit_info(ltx))
     return db.pos
 
 
