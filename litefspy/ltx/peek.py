@@ -26,17 +26,20 @@ def read_trailer(path: StrPath) -> Trailer:
         return Trailer.decode(f.read(TRAILER_SIZE))
 
 
+def ends_of(fd: int, size: int, name: StrPath) -> tuple[Header, Trailer]:
+    """Header and validated trailer of the open LTX file `fd` of `size` bytes."""
+    if size < HEADER_SIZE + TRAILER_SIZE:
+        raise LTXError(f"{os.fspath(name)}: truncated LTX file ({size} bytes)")
+    header = Header.decode(os.pread(fd, HEADER_SIZE, 0))
+    trailer = Trailer.decode(os.pread(fd, TRAILER_SIZE, size - TRAILER_SIZE))
+    trailer.validate(header.commit)
+    return header, trailer
+
+
 def read_ends(path: StrPath) -> tuple[Header, Trailer]:
     """An LTX file's header and validated trailer, without reading its pages."""
     with open(path, "rb") as f:
-        header = Header.decode(f.read(HEADER_SIZE))
-        size = os.fstat(f.fileno()).st_size
-        if size < HEADER_SIZE + TRAILER_SIZE:
-            raise LTXError(f"{path}: truncated LTX file ({size} bytes)")
-        f.seek(size - TRAILER_SIZE)
-        trailer = Trailer.decode(f.read(TRAILER_SIZE))
-    trailer.validate(header.commit)
-    return header, trailer
+        return ends_of(f.fileno(), os.fstat(f.fileno()).st_size, path)
 
 
 def post_apply_checksum(path: StrPath) -> int:

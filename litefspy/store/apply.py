@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,9 +22,10 @@ import trio
 from litefspy.errors import LTXError, ReplicationError
 from litefspy.fsutil import fsync_dir
 from litefspy.logs import kv
+from litefspy.ltx.apply import write_pages
 from litefspy.ltx.checksum import PageChecksums, page_checksum
 from litefspy.ltx.decoder import Decoder, read_verified, verify_file
-from litefspy.ltx.format import Header, Trailer, lock_pgno
+from litefspy.ltx.format import Header, Trailer
 from litefspy.ltx.peek import post_apply_checksum
 from litefspy.store import recovery
 from litefspy.store.database import Database
@@ -266,25 +267,24 @@ def _write_applied(
             if wal_path.exists():
                 os.truncate(wal_path, 0)
         fd = os.open(db.db_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        with os.fdopen(fd, "r+b") as out:
             if todo is not None:
-                for pgno, data in todo:
-                    os.pwrite(fd, data, (pgno - 1) * page_size)
+                write_pages(out, todo, page_size, header.commit, zero_lock_page=header.is_snapshot)
             else:
                 with open(ltx, "rb") as f:
-                    for pgno, data in Decoder(f).pages():
-                        ck = page_checksum(pgno, data)
-                        if current is None or current.get(pgno) != ck:
-                            os.pwrite(fd, data, (pgno - 1) * page_size)
-                        track.set(pgno, ck)
+
+                    def changed() -> Iterator[tuple[int, bytes]]:
+                        for pgno, data in Decoder(f).pages():
+                            ck = page_checksum(pgno, data)
+                            if current is None or current.get(pgno) != ck:
+                                yield pgno, data
+                            track.set(pgno, ck)
+
+                    write_pages(
+                        out, changed(), page_size, header.commit, zero_lock_page=header.is_snapshot
+                    )
                 track.truncate(header.commit)
-            lock = lock_pgno(page_size)
-            if header.is_snapshot and header.commit >= lock:
-                os.pwrite(fd, bytes(page_size), (lock - 1) * page_size)
-            os.ftruncate(fd, header.commit * page_size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            os.fsync(out.fileno())
         if header.commit == 0:
             for kind in FileKind:
                 if kind is not FileKind.SHM:

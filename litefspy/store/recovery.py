@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 from litefspy.errors import LTXError, RecoveryError, SQLiteFormatError
 from litefspy.fsutil import fsync_dir
 from litefspy.logs import kv
-from litefspy.ltx.apply import apply_ltx
+from litefspy.ltx.apply import apply_ltx, write_pages
 from litefspy.ltx.checksum import PageChecksums
 from litefspy.ltx.decoder import Decoder, verify_file
 from litefspy.ltx.format import Header, lock_pgno, parse_filename
-from litefspy.ltx.peek import post_apply_checksum
+from litefspy.ltx.peek import post_apply_checksum, read_ends
 from litefspy.progress import STARTUP_CHECK
 from litefspy.sqlite.journal import (
     JOURNAL_HEADER_SIZE,
@@ -57,7 +57,7 @@ def recover(db: Database) -> None:
         try:
             if saved is not None and saved.ltx_unchanged(newest):
                 # Verified when written and fsynced before the clean stop.
-                header, trailer = cleanstop.read_ends(newest)
+                header, trailer = read_ends(newest)
             else:
                 header, trailer = verify_file(newest)
         except LTXError as exc:
@@ -486,13 +486,12 @@ def checksums_of(fd: int, page_size: int, commit: int) -> PageChecksums:
 def _reapply_newest(db: Database, newest: Path, page_size: int, expected: int) -> None:
     """Make the database equal to the newest LTX's post-apply state, or refuse."""
     fd = db.db_reader()
-    with open(newest, "rb") as f:
+    with open(newest, "rb") as f, os.fdopen(os.dup(fd), "r+b") as out:
         dec = Decoder(f)
-        for pgno, data in dec.pages():
-            os.pwrite(fd, data, (pgno - 1) * page_size)
         commit = dec.header.commit
-    os.ftruncate(fd, commit * page_size)
-    os.fsync(fd)
+        # As it was written (the lock page untouched), then checked as a whole below.
+        write_pages(out, dec.pages(), page_size, commit, zero_lock_page=False)
+        os.fsync(out.fileno())
     checksums = checksums_of(fd, page_size, commit)
     if checksums.total != expected:
         raise RecoveryError(

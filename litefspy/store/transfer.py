@@ -13,9 +13,9 @@ import trio
 
 from litefspy.errors import DatabaseError, ReadOnlyError
 from litefspy.logs import kv
-from litefspy.ltx.apply import apply_files
-from litefspy.ltx.checksum import PageChecksums, page_checksum
-from litefspy.ltx.encoder import Encoder
+from litefspy.ltx.apply import apply_files, write_pages
+from litefspy.ltx.checksum import PageChecksums
+from litefspy.ltx.encoder import encode_snapshot
 from litefspy.ltx.format import FLAG_COMPRESS, Header, lock_pgno
 from litefspy.progress import Progress
 from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
@@ -67,14 +67,10 @@ def import_file(
         if progress is not None:
             progress.next_phase("writing the database", size)
         fd = os.open(db.db_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        with os.fdopen(fd, "r+b") as out:
             pages = _counted(recovery.all_pages(src_fd, page_size, commit), page_size, progress)
-            for pgno, data in pages:
-                os.pwrite(fd, data, (pgno - 1) * page_size)
-            os.ftruncate(fd, commit * page_size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            write_pages(out, pages, page_size, commit, zero_lock_page=False)
+            os.fsync(out.fileno())
         db.end_apply()
     finally:
         os.close(src_fd)
@@ -135,8 +131,6 @@ def write_snapshot(
     Runs in a worker thread while the caller holds SQLite read locks; `progress`
     advances by each page read.
     """
-    checksums = PageChecksums(state.page_size)
-    checksums.truncate(state.commit)
     header = Header(
         flags=FLAG_COMPRESS if db.compress else 0,
         page_size=state.page_size,
@@ -151,24 +145,30 @@ def write_snapshot(
         wal_salt2=0,
         node_id=db.node_id,
     )
-    with open(out, "wb") as f:
-        enc = Encoder(f, header)
-        advance = progress.advance if progress is not None else None
-        for pgno, data in _read_pages(db.db_path, db.path(FileKind.WAL), state):
-            checksums.set(pgno, page_checksum(pgno, data))
-            enc.write_page(pgno, data)
-            if advance is not None:
-                advance(state.page_size)
-        if checksums.total != state.pos.checksum:
-            f.close()
-            out.unlink(missing_ok=True)
+
+    def check(total: int) -> None:
+        if total != state.pos.checksum:
             raise DatabaseError(
                 f"snapshot of {db.name} at {state.pos}: database checksum "
-                f"{checksums.total:016x} does not match the position; not sending it"
+                f"{total:016x} does not match the position; not sending it"
             )
-        enc.finish(checksums.total)
-        f.flush()
-        os.fsync(f.fileno())
+
+    on_page = None
+    if progress is not None:
+        advance, page_size = progress.advance, state.page_size
+
+        def on_page() -> None:
+            advance(page_size)
+
+    try:
+        with open(out, "wb") as f:
+            pages = _read_pages(db.db_path, db.path(FileKind.WAL), state)
+            encode_snapshot(f, header, pages, on_page=on_page, check=check)
+            f.flush()
+            os.fsync(f.fileno())
+    except DatabaseError:
+        out.unlink(missing_ok=True)
+        raise
     return out
 
 
