@@ -55,6 +55,19 @@ def atomic_write(path: StrPath) -> Iterator[BinaryIO]:
     fsync_dir(directory)
 
 
+def install(tmp: StrPath, final: StrPath, *, sync_file: bool = True) -> None:
+    """Rename a finished temp file over `final` durably: fsync it (unless the writer
+    already did), rename, fsync the directory."""
+    if sync_file:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)
+
+
 def syncfs(fd: int) -> None:
     """syncfs(2): flush every dirty file and directory entry of fd's filesystem.
 

@@ -27,6 +27,7 @@ from litefspy.ltx.encoder import Encoder
 from litefspy.ltx.format import FLAG_COMPRESS, Header, lock_pgno
 from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
 from litefspy.sqlite.header import parse_database_header
+from litefspy.sqlite.journal import JOURNAL_HEADER_SIZE
 from litefspy.store.types import ChecksumChanges, CommitInfo, FileKind, Position
 from litefspy.store.waltrack import WALCommit
 
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ZERO_HEADER = bytes(28)
+# journal_mode=PERSIST invalidates a journal by zeroing its header.
+ZERO_HEADER = bytes(JOURNAL_HEADER_SIZE)
 
 
 def write(db: Database, kind: FileKind, fd: int, offset: int, data: bytes) -> int:

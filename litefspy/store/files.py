@@ -15,7 +15,9 @@ from pathlib import Path
 from litefspy.errors import DatabaseError, LTXError, SQLiteFormatError
 from litefspy.fsutil import atomic_write
 from litefspy.ltx.format import parse_filename
+from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
 from litefspy.sqlite.header import parse_database_header
+from litefspy.sqlite.journal import super_journal_main
 
 # Exists while litefspy writes the newest LTX file's pages into the database.
 APPLY_MARKER = ".applying"
@@ -25,9 +27,6 @@ CLEAN_RECORD = "clean"
 # nothing hidden (dot-names are litefspy's own special files).
 _NAME_RE = re.compile(r"^[^/\x00.][^/\x00]{0,200}$")
 SIDECAR_SUFFIXES = ("-journal", "-wal", "-shm", "-pos")
-# SQLite's super-journal of a multi-database transaction: MAIN-mj + 6 hex digits,
-# a 9, 2 hex digits (sqlite3VdbeHalt's "-mj%06X9%02X").
-_SUPER_JOURNAL_RE = re.compile(r"^(.+)-mj[0-9A-F]{6}9[0-9A-F]{2}$")
 
 
 def valid_database_name(name: str) -> bool:
@@ -41,8 +40,8 @@ def valid_database_name(name: str) -> bool:
 
 def is_super_journal_name(name: str) -> bool:
     """True if `name` is one SQLite gives the super-journal of a multi-database commit."""
-    match = _SUPER_JOURNAL_RE.match(name)
-    return match is not None and bool(_NAME_RE.match(match.group(1)))
+    main = super_journal_main(name)
+    return main is not None and bool(_NAME_RE.match(main))
 
 
 def load_node_id(data_dir: Path) -> int:
@@ -69,7 +68,7 @@ def validate_sqlite_file(path: Path) -> tuple[int, int]:
     """(page size, page count) of a valid SQLite database file, or a clear error."""
     try:
         with open(path, "rb") as f:
-            header = parse_database_header(f.read(100))
+            header = parse_database_header(f.read(DB_HEADER_SIZE))
     except FileNotFoundError as exc:
         raise DatabaseError(f"{path}: no such file") from exc
     except SQLiteFormatError as exc:
@@ -106,7 +105,7 @@ def read_page_size(path: Path) -> int:
     """The page size in a database file's header, 0 if it has none."""
     try:
         with open(path, "rb") as f:
-            return parse_database_header(f.read(100)).page_size
+            return parse_database_header(f.read(DB_HEADER_SIZE)).page_size
     except (OSError, SQLiteFormatError):
         return 0
 
