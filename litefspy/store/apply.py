@@ -178,7 +178,7 @@ def apply_locked(
         after_apply(store, db.name, wal, held)
         return after
     finally:
-        held.release()  # no-op once _after_apply released it
+        held.release()  # no-op once after_apply released it
 
 
 def _already_applied(db: Database, header: Header, trailer: Trailer) -> bool:

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 
 class Database:
-    """A database directory and the commit-capture state machine for it."""
+    """A database directory and the state its jobs (capture, recovery, apply) share."""
 
     def __init__(
         self,
@@ -81,17 +81,22 @@ class Database:
         self.writable = True
         self.pos = Position(0, 0)
         self.checksums: PageChecksums | None = None
+        # Capture state (see capture.py): a rollback journal is active, the pages
+        # written under it, and the WAL frames seen so far.
         self.journal_active = False
         self.dirty: set[int] = set()
         self.wal = WALTracker(name)
         self._wal_fd: int | None = None
         self._db_fd: int | None = None
+        # The committed database header says WAL mode.
         self.is_wal_db = False
         self.last_commit_ms = 0
         # Size of the newest LTX file when this node wrote it (unknown: huge).
         self.last_commit_size = UNKNOWN_SIZE
         # LTX files written but not yet fsynced (WAL commits), oldest first.
         self.unsynced: list[Path] = []
+        # The undo record of the newest captured commit (a failed journal
+        # invalidation puts the checksums back).
         self.last_changes: ChecksumChanges | None = None
         # Set while this replica holds a halt lock on the database: every commit
         # captured here is applied by the primary before it completes.
@@ -293,7 +298,7 @@ class Database:
         Made durable by the directory sync that installs the file. Startup
         recovery re-applies the newest file only when this exists; otherwise a
         database that is not at a state of its history was changed by SQLite,
-        and is kept (see _recapture).
+        and is kept (see recovery._recapture).
         """
         self.ensure_dirs()
         os.close(os.open(self.apply_marker, os.O_WRONLY | os.O_CREAT, 0o644))

@@ -276,7 +276,7 @@ def _roll_forward(
 ) -> bool:
     """Bring the database forward along its LTX history; True if it now matches.
 
-    WAL commits are recorded before their LTX file is fsynced (see _write_ltx),
+    WAL commits are recorded before their LTX file is fsynced (see capture.write_ltx),
     so after a power loss the database (with its surviving WAL frames) can be
     at the state of an older LTX file than the newest. Find that file by its
     post-apply checksum and re-apply the ones after it, in order, each checked
@@ -339,7 +339,7 @@ def _drop_torn_tail(
     """Remove newest LTX files that a crash cut short; return the rest and what went.
 
     A WAL commit's LTX file is fsynced only when the application syncs its
-    WAL (see _write_ltx), so after a power loss the newest ones may be
+    WAL (see capture.write_ltx), so after a power loss the newest ones may be
     truncated. Whether their transactions survive is for the database files
     to say (recover() keeps them if SQLite has them). A full-length file that
     fails its checksum is corruption, not a crash: recovery refuses it.

@@ -412,7 +412,7 @@ class Store:
     async def demote(self) -> None:
         """Primary -> replica: refuse writes at once, then leave only committed state.
 
-        Connections mid-transaction may still roll back (see Database); once no
+        Connections mid-transaction may still roll back (see capture); once no
         SQLite connection holds a lock, litefspy rolls back any hot journal itself
         and folds the captured WAL frames into the database file. A database
         that cannot be settled gets position 0 so the new primary re-snapshots it.
