@@ -1,4 +1,4 @@
-"""Write forwarding under a halt lock (litefspy.halt is its RPC side).
+"""Write forwarding under a halt lock (the Halt RPC service is its network side).
 
 Primary: a halt pauses one database's SQLite writers for a replica, and applies
 the transactions the replica forwards as its next TXIDs. Replica: while it holds
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Halt:
-    """A halt lock the primary holds for a replica (write forwarding, litefspy.halt).
+    """A halt lock the primary holds for a replica (write forwarding).
 
     `held` pauses the database's SQLite writers on this node; `expires` (trio
     clock) moves forward with every renewal or forwarded commit; `lock` keeps

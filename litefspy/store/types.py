@@ -51,7 +51,7 @@ class CommitInfo:
 
 
 CommitListener = Callable[[CommitInfo], None]
-# Write forwarding (litefspy.halt): sends a finished LTX file (path, txid,
+# Write forwarding (the Halt service): sends a finished LTX file (path, txid,
 # post-apply checksum) to the primary and returns once the primary has applied
 # it; raises ForwardError if it did not.
 Forwarder = Callable[[Path, int, int], None]
