@@ -369,14 +369,14 @@ async def serve_extras(
                 metrics: Metrics | None = None
                 if config.metrics.enabled:
                     source = NodeMetricsSource(node)
-                    unsubscribe.append(store.subscribe(source.on_commit))
+                    unsubscribe.append(store.feed.subscribe(source.on_commit))
                     metrics = Metrics(source)
                     await nursery.start(partial(metrics.serve, config.metrics.addr))
                     node.ops.enable_timing(metrics.observe_fuse)
                     nursery.start_soon(source.run_recount)
                 if config.proxy.enabled:
                     waiters = TxidWaiters(lambda db: local_txid(store, db))
-                    unsubscribe.append(store.subscribe(waiters.notify))
+                    unsubscribe.append(store.feed.subscribe(waiters.notify))
                     state = NodeProxyState(node, waiters)
                     observe = metrics.observe_proxy if metrics is not None else None
                     await nursery.start(partial(serve_proxy, config.proxy, state, observe=observe))

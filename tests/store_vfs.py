@@ -21,8 +21,9 @@ from pathlib import Path
 
 import apsw
 
-from litefspy.store.database import Database, FileKind
+from litefspy.store.database import Database
 from litefspy.store.store import Store
+from litefspy.store.types import FileKind
 
 SUFFIXES = {"-journal": FileKind.JOURNAL, "-wal": FileKind.WAL}
 

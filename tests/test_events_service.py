@@ -143,7 +143,7 @@ async def test_slow_subscriber_is_dropped_not_buffered(
     monkeypatch.setattr("litefspy.api.events.SUBSCRIBER_BUFFER", 3)
     async with mounted_node(tmp_path / "node") as n:
         hub = EventHub(n.node)
-        n.store.subscribe(hub._on_commit)
+        n.store.feed.subscribe(hub._on_commit)
         with hub.subscribe() as sub:
             for i in range(5):
                 await trio.to_thread.run_sync(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from litefspy.replication.server import PrimaryIdentity, ReplicaSession, ReplicationServer
-from litefspy.store.database import CommitInfo
 from litefspy.store.store import Store
+from litefspy.store.types import CommitInfo
 
 
 def test_a_commit_wakes_a_session_for_its_own_database_only(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from litefspy.ltx.checksum import PageChecksums, page_checksum
-from litefspy.store.database import ChecksumChanges
+from litefspy.store.types import ChecksumChanges
 
 PAGE = 512
 

@@ -28,8 +28,9 @@ from litefspy.rpc.errors import Code, RPCRefused
 from litefspy.rpc.methods import HANDOFF_METHOD, PROMOTE_METHOD
 from litefspy.rpc.server import GRPCServer
 from litefspy.sqlite.header import HEADER_SIZE, parse_database_header
-from litefspy.store.database import Database, FileKind
+from litefspy.store.database import Database
 from litefspy.store.store import Store
+from litefspy.store.types import FileKind
 from litefspy.v1 import admin_pb2 as pb
 
 

@@ -25,8 +25,8 @@ from litefspy.logs import kv
 from litefspy.progress import EXPORT, IMPORT, Progress
 from litefspy.rpc.errors import Code, RPCRefused
 from litefspy.rpc.server import GRPCServer
-from litefspy.store.database import Position
-from litefspy.store.store import valid_database_name
+from litefspy.store.files import valid_database_name
+from litefspy.store.types import Position
 from litefspy.v1 import data_pb2 as pb
 
 log = logging.getLogger(__name__)

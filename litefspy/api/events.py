@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,10 +31,10 @@ import trio
 from litefspy.cluster.view import NodeView
 from litefspy.errors import LitefspyError, NotFoundError
 from litefspy.logs import kv
-from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
+from litefspy.ltx.peek import read_ends
 from litefspy.rpc.errors import Code, RPCRefused
 from litefspy.rpc.server import GRPCServer
-from litefspy.store.database import CommitInfo
+from litefspy.store.types import CommitInfo
 from litefspy.v1 import data_pb2 as pb
 
 if TYPE_CHECKING:
@@ -76,7 +75,7 @@ class EventHub:
 
     def register(self, server: GRPCServer) -> None:
         """Listen to the node and serve `Data.Events` on `server`."""
-        self.node.store.subscribe(self._on_commit)
+        self.node.store.feed.subscribe(self._on_commit)
         self.node.on_role_change(self._on_role_change)
         self.node.on_backup_event(self._on_backup)
         server.add_server_stream(EVENTS_METHOD, self.stream)
@@ -242,7 +241,7 @@ def backup_event(progress: BackupProgress) -> pb.BackupEvent:
 def tx_event_from_file(info: CommitInfo) -> pb.TxEvent:
     """The event for a new LTX file from its header and trailer (worker thread)."""
     try:
-        header, trailer = read_header_trailer(info.path)
+        header, trailer = read_ends(info.path)
     except (OSError, LitefspyError) as exc:
         log.warning("cannot read LTX file for an event %s", kv(db=info.name, error=exc))
         return pb.TxEvent(db=info.name, txid=info.txid, timestamp_ms=info.timestamp_ms)
@@ -254,14 +253,6 @@ def tx_event_from_file(info: CommitInfo) -> pb.TxEvent:
         commit=header.commit,
         timestamp_ms=header.timestamp,
     )
-
-
-def read_header_trailer(path: Path) -> tuple[Header, Trailer]:
-    with open(path, "rb") as f:
-        header = Header.decode(f.read(HEADER_SIZE))
-        f.seek(-TRAILER_SIZE, 2)
-        trailer = Trailer.decode(f.read(TRAILER_SIZE))
-    return header, trailer
 
 
 # ------------------------------------------------------------------ JSON form

@@ -44,7 +44,8 @@ from litefspy.logs import kv
 from litefspy.rpc.client import Client, MessageStream, acall_unary, open_server_stream
 from litefspy.rpc.errors import Code, RemoteError, RPCRefused
 from litefspy.rpc.server import GRPCServer
-from litefspy.store.store import Halt, valid_database_name
+from litefspy.store.files import valid_database_name
+from litefspy.store.halt import Halt
 from litefspy.v1 import halt_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -313,23 +314,12 @@ class HaltService:
     async def _catch_up(self, name: str, txid: int, checksum: int, primary: str) -> None:
         """Wait until this replica has applied everything up to the primary's position."""
         store = self.node.store
-        changed = trio.Event()
-
-        def on_commit(info: object) -> None:
-            nonlocal changed
-            changed.set()
-            changed = trio.Event()
-
-        unsubscribe = store.subscribe(on_commit)
-        try:
-            with trio.move_on_after(CATCH_UP_TIMEOUT):
-                while True:
-                    db = store.get(name)
-                    if db is not None and db.pos.txid >= txid:
-                        break
-                    await changed.wait()
-        finally:
-            unsubscribe()
+        with store.feed.watch() as commits, trio.move_on_after(CATCH_UP_TIMEOUT):
+            while True:
+                db = store.get(name)
+                if db is not None and db.pos.txid >= txid:
+                    break
+                await commits.wait()
         db = store.get(name)
         if db is None or db.pos.txid < txid:
             raise RPCRefused(

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +35,14 @@ from litefspy.backup.layout import (
 )
 from litefspy.backup.target import Target
 from litefspy.errors import BackupError, LTXError
+from litefspy.fsutil import install
+from litefspy.ltx.apply import write_pages
 from litefspy.ltx.checksum import PageChecksums
 from litefspy.ltx.decoder import Decoder
-from litefspy.ltx.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
-# Pages written per system call while restoring (a snapshot is one long run).
-_RUN_PAGES = 256
 
 
 def iso_time(ms: int) -> str:
@@ -116,8 +116,7 @@ def restore_database(
         got_txid, checksum, total = _apply_pieces(target, db, plan, db_tmp, progress)
         if got_txid != goal:
             raise BackupError(f"{db}: restore reached TXID {got_txid:016x}, not {goal:016x}")
-        os.replace(db_tmp, out)
-        fsync_dir(out.parent)
+        install(db_tmp, out, sync_file=False)  # _apply_pieces fsynced it
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("restored %s to TXID %016x from %d objects", db, goal, len(plan))
@@ -162,6 +161,7 @@ def _apply_pieces(
     the caller renames it into place. Returns (TXID, checksum, bytes read).
     """
     fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    out_file = open(fd, "r+b", closefd=False)  # noqa: SIM115 - closed with fd below
     sums: PageChecksums | None = None
     txid = 0
     total = 0
@@ -191,24 +191,14 @@ def _apply_pieces(
                     if sums.page_count:  # only a database made anew may change it
                         raise LTXError(f"changes the page size to {header.page_size}")
                     sums = PageChecksums(header.page_size)
-                size = header.page_size
-                run: list[bytes] = []  # consecutive pages, written with one call
-                run_sums: list[int] = []  # and their checksums, recorded with one call
-                start = 0
-                for pgno, data, checksum in dec.pages_with_checksums():
-                    if run and (pgno != start + len(run) or len(run) >= _RUN_PAGES):
-                        os.pwrite(fd, b"".join(run), (start - 1) * size)
-                        sums.set_run(start, run_sums)
-                        run, run_sums = [], []
-                    if not run:
-                        start = pgno
-                    run.append(data)
-                    run_sums.append(checksum)
-                if run:
-                    os.pwrite(fd, b"".join(run), (start - 1) * size)
-                    sums.set_run(start, run_sums)
+                write_pages(
+                    out_file,
+                    _summed(dec.pages_with_checksums(), sums),
+                    header.page_size,
+                    header.commit,
+                    zero_lock_page=False,
+                )
                 sums.truncate(header.commit)
-                os.ftruncate(fd, header.commit * size)
                 if dec.trailer.post_apply_checksum != sums.total:
                     raise LTXError(
                         f"post-apply checksum {dec.trailer.post_apply_checksum:016x} does not "
@@ -227,6 +217,7 @@ def _apply_pieces(
             )
         os.fsync(fd)
     finally:
+        out_file.close()
         os.close(fd)
     assert sums is not None
     return txid, sums.total, total
@@ -317,7 +308,24 @@ def record_deletion_in_data_dir(target: Target, dbs_dir: Path, name: str, deleti
     if header.commit != 0:
         tmp.unlink(missing_ok=True)
         raise BackupError(f"{name}: backup object {deletion.key} is not a deletion")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(ltx_dir)
+    install(tmp, final)
+
+
+def _summed(
+    pages: Iterator[tuple[int, bytes, int]], sums: PageChecksums
+) -> Iterator[tuple[int, bytes]]:
+    """`pages` (with their checksums), recording the checksums in `sums` on the way.
+
+    Consecutive pages' checksums are recorded together (`set_run`): a
+    restore is CPU-bound, and a snapshot is one long run.
+    """
+    start, run = 0, array("Q")
+    for pgno, data, checksum in pages:
+        if run and pgno != start + len(run):
+            sums.set_run(start, run)
+            run = array("Q")
+        if not run:
+            start = pgno
+        run.append(checksum)
+        yield pgno, data
+    sums.set_run(start, run)

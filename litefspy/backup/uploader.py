@@ -47,9 +47,11 @@ from litefspy.backup.worker import merge_to_file
 from litefspy.errors import BackupError, LitefspyError, LTXError
 from litefspy.logs import kv
 from litefspy.ltx.encoder import Encoder
-from litefspy.ltx.format import CHECKSUM_FLAG, HEADER_SIZE, TRAILER_SIZE, Header, Trailer
-from litefspy.store.database import Database, Position
+from litefspy.ltx.format import CHECKSUM_FLAG, Header, Trailer
+from litefspy.ltx.peek import read_header, read_trailer
+from litefspy.store.database import Database
 from litefspy.store.store import Store
+from litefspy.store.types import Position
 
 log = logging.getLogger(__name__)
 
@@ -98,23 +100,12 @@ class BackupTotals:
     per_db: dict[str, DatabaseBackup] = field(default_factory=dict)
 
 
-def _read_header(path: Path) -> Header:
-    with open(path, "rb") as f:
-        return Header.decode(f.read(HEADER_SIZE))
-
-
-def _read_trailer(path: Path) -> Trailer:
-    with open(path, "rb") as f:
-        f.seek(-TRAILER_SIZE, os.SEEK_END)
-        return Trailer.decode(f.read(TRAILER_SIZE))
-
-
 def _commit_time(store: Store, name: str, snapshot: Header) -> int:
     """When the snapshot's last transaction committed (its LTX file's timestamp)."""
     db = store.get_if_online(name)
     if db is not None:
         try:
-            return _read_header(db.ltx_path(snapshot.max_txid, snapshot.max_txid)).timestamp
+            return read_header(db.ltx_path(snapshot.max_txid, snapshot.max_txid)).timestamp
         except (OSError, LTXError):
             pass  # retention took it, or it was a snapshot itself
     return snapshot.timestamp
@@ -296,7 +287,7 @@ class Uploader:
         # one commit-0 object from the backup's end to it says the same.
         when = self._now_ms()
         if files and files[-1][1] == pos.txid:
-            when = (await trio.to_thread.run_sync(_read_header, files[-1][2])).timestamp or when
+            when = (await trio.to_thread.run_sync(read_header, files[-1][2])).timestamp or when
         tmp = self.store.tmp_dir / f"backup-{name}-{secrets.token_hex(4)}.ltx"
         header, trailer = await trio.to_thread.run_sync(
             _write_deletion, tmp, state.uploaded, pos, when
@@ -315,7 +306,7 @@ class Uploader:
         for (_, hi, _), (lo, _, _) in itertools.pairwise(files):
             if lo != hi + 1:
                 return False
-        header = _read_header(files[0][2])
+        header = read_header(files[0][2])
         return not header.is_snapshot and header.pre_apply_checksum == uploaded.checksum
 
     # ------------------------------------------------------ adopting a backup
@@ -357,7 +348,7 @@ class Uploader:
         for _, hi, path in reversed(db.ltx_files()):
             if hi in ends:
                 try:
-                    if _read_trailer(path).post_apply_checksum == ends[hi]:
+                    if read_trailer(path).post_apply_checksum == ends[hi]:
                         return Position(hi, ends[hi])
                 except (OSError, LTXError):
                     continue
@@ -386,8 +377,8 @@ class Uploader:
     async def _upload_snapshot(self, name: str, state: DatabaseBackup) -> None:
         path = await self.store.snapshot(name)
         try:
-            header = await trio.to_thread.run_sync(_read_header, path)
-            trailer = await trio.to_thread.run_sync(_read_trailer, path)
+            header = await trio.to_thread.run_sync(read_header, path)
+            trailer = await trio.to_thread.run_sync(read_trailer, path)
             # Named by when its last transaction committed, not by when it was
             # taken (later): a restore by time right after that commit finds it.
             committed = await trio.to_thread.run_sync(_commit_time, self.store, name, header)

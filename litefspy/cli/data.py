@@ -177,7 +177,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from litefspy.progress import IMPORT
     from litefspy.rpc.client import call_client_stream
     from litefspy.rpc.errors import RemoteError
-    from litefspy.store.store import validate_sqlite_file
+    from litefspy.store.files import validate_sqlite_file
     from litefspy.v1 import data_pb2 as pb
 
     name, path = args.name, Path(args.path)
@@ -218,7 +218,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from litefspy.api.data import EXPORT_METHOD
-    from litefspy.ltx.files import fsync_dir
+    from litefspy.fsutil import fsync_dir
     from litefspy.progress import EXPORT
     from litefspy.rpc.client import call_server_stream
     from litefspy.rpc.errors import RemoteError

@@ -27,8 +27,9 @@ from litefspy.errors import NotFoundError
 from litefspy.logs import kv
 from litefspy.metrics import DbStats, ReplicaLink, ReplicationStats
 from litefspy.proxy import TxidWaiters
-from litefspy.store.database import CommitInfo, Database
+from litefspy.store.database import Database
 from litefspy.store.store import Store
+from litefspy.store.types import CommitInfo
 
 log = logging.getLogger(__name__)
 

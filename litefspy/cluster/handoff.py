@@ -23,7 +23,7 @@ from litefspy.replication.server import ReplicaSession, ReplicationServer
 from litefspy.rpc import client as rpc_client
 from litefspy.rpc.errors import Code, RPCRefused
 from litefspy.rpc.methods import HANDOFF_METHOD
-from litefspy.store.database import Position
+from litefspy.store.types import Position
 from litefspy.v1 import admin_pb2, replication_pb2
 
 log = logging.getLogger(__name__)

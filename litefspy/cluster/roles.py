@@ -47,8 +47,8 @@ from litefspy.logs import kv
 from litefspy.progress import SNAPSHOT_RECEIVE
 from litefspy.replication.client import ReplicationClient
 from litefspy.replication.server import PrimaryIdentity, ReplicationServer, SendTotals
-from litefspy.store.database import Position
 from litefspy.store.store import Store
+from litefspy.store.types import Position
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from litefspy.lease.base import HandoffToken
 from litefspy.logs import kv
 from litefspy.replication.client import ReplicationClient
 from litefspy.replication.server import ReplicationServer
-from litefspy.store.database import Position
+from litefspy.store.types import Position
 
 log = logging.getLogger(__name__)
 

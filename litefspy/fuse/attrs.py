@@ -14,8 +14,8 @@ from typing import Protocol
 import pyfuse3
 
 from litefspy.fuse.inodes import Local, Node, Special
-from litefspy.store.database import FileKind
 from litefspy.store.store import Store
+from litefspy.store.types import FileKind
 
 # The kernel may cache attributes, entries and absent names for this long: every
 # change litefspy makes behind the kernel's back (replica apply, recovery, role

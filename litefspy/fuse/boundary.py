@@ -18,7 +18,7 @@ import pyfuse3
 
 from litefspy.errors import LitefspyError, ReadOnlyError
 from litefspy.logs import kv
-from litefspy.store.database import errno_for
+from litefspy.store.types import errno_for
 
 log = logging.getLogger("litefspy.fuse.ops")
 

@@ -27,8 +27,9 @@ from litefspy.fuse.inodes import InodeTable, Local, Node, Special
 from litefspy.logs import kv
 from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
 from litefspy.sqlite.header import parse_database_header
-from litefspy.store.database import FileKind
-from litefspy.store.store import Store, valid_database_name
+from litefspy.store.files import valid_database_name
+from litefspy.store.store import Store
+from litefspy.store.types import FileKind
 
 # The same logger as the handlers': the log lines read as they always did.
 log = logging.getLogger("litefspy.fuse.ops")

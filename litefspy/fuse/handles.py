@@ -11,7 +11,8 @@ import pyfuse3
 
 from litefspy.fuse.copies import StagedCopy
 from litefspy.fuse.inodes import Node, NodeKind
-from litefspy.store.database import Database, FileKind
+from litefspy.store.database import Database
+from litefspy.store.types import FileKind
 
 
 @dataclass

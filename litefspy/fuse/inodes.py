@@ -14,8 +14,8 @@ from enum import Enum
 
 import pyfuse3
 
-from litefspy.store.database import FileKind
-from litefspy.store.store import is_super_journal_name
+from litefspy.store.files import is_super_journal_name
+from litefspy.store.types import FileKind
 
 
 class Special(Enum):

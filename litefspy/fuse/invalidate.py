@@ -12,7 +12,7 @@ import pyfuse3
 
 from litefspy.fuse.attrs import ROOT
 from litefspy.fuse.inodes import InodeTable, NodeKind, Special, mount_name
-from litefspy.store.database import FileKind
+from litefspy.store.types import FileKind
 
 # The same logger as the handlers': the log lines read as they always did.
 log = logging.getLogger("litefspy.fuse.ops")

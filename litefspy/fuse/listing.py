@@ -9,8 +9,8 @@ import pyfuse3
 
 from litefspy.fuse.attrs import Attributes, ClusterView
 from litefspy.fuse.inodes import InodeTable, Local, NodeKind, Special, mount_name
-from litefspy.store.database import FileKind
 from litefspy.store.store import Store
+from litefspy.store.types import FileKind
 
 
 def root_listing(

@@ -57,8 +57,10 @@ from litefspy.fuse.inodes import InodeTable, Local, Node, Special, mount_name, p
 from litefspy.fuse.invalidate import SIDECARS, KernelCache
 from litefspy.fuse.listing import root_listing
 from litefspy.logs import kv
-from litefspy.store.database import Database, FileKind
-from litefspy.store.store import Store, valid_database_name
+from litefspy.store.database import Database
+from litefspy.store.files import valid_database_name
+from litefspy.store.store import Store
+from litefspy.store.types import FileKind
 
 log = logging.getLogger(__name__)
 

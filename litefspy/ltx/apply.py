@@ -1,5 +1,8 @@
 """Applying LTX files to database files, and snapshotting a database into one.
 
+`write_pages` is the one place pages land in a database file (replica apply,
+forwarded commits, recovery, import, `litefspy ltx apply`, restore).
+
 Every apply is two passes over the LTX file: a dry run that decodes it fully
 (file checksum, page rules) and computes the resulting database checksum on a
 copy of the rolling checksums, then the pass that writes pages.  A corrupt,
@@ -11,15 +14,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from litefspy.errors import LTXChecksumError, LTXError, SQLiteFormatError
+from litefspy.fsutil import StrPath, atomic_write, fsync_dir
 from litefspy.ltx.checksum import READ_CHUNK, PageChecksums, page_checksum, read_exactly_into
 from litefspy.ltx.decoder import Decoder
-from litefspy.ltx.encoder import Encoder
-from litefspy.ltx.files import StrPath, atomic_write, fsync_dir
+from litefspy.ltx.encoder import encode_snapshot
 from litefspy.ltx.format import (
     CHECKSUM_FLAG,
     FLAG_COMPRESS,
@@ -72,14 +75,25 @@ def _plan(ltx: BinaryIO, current: PageChecksums | None) -> tuple[Header, Trailer
     return header, trailer, after
 
 
-def _write_pages(db: BinaryIO, ltx: BinaryIO) -> Header:
-    """Second pass: write the pages of an already checked LTX file into db."""
-    dec = Decoder(ltx)
-    header = dec.header
-    page_size = header.page_size
+def write_pages(
+    db: BinaryIO,
+    pages: Iterable[tuple[int, bytes]],
+    page_size: int,
+    commit: int,
+    *,
+    zero_lock_page: bool,
+) -> None:
+    """The one page writer: put a transaction's pages into a database file.
+
+    Writes `pages` (contiguous ones in runs), zeros the lock page if asked (a
+    materialized snapshot has zeros there, whatever an older file held), cuts
+    the file to `commit` pages and flushes. Does not fsync: the caller decides
+    what is durable before what. Every check (dry run, checksums) happens
+    before this is called.
+    """
     run: list[bytes] = []
     run_start = 0  # first pgno of `run`
-    for pgno, data in dec.pages():
+    for pgno, data in pages:
         if run and (pgno != run_start + len(run) or len(run) * page_size >= _WRITE_RUN):
             db.seek((run_start - 1) * page_size)
             db.write(b"".join(run))
@@ -91,13 +105,18 @@ def _write_pages(db: BinaryIO, ltx: BinaryIO) -> Header:
         db.seek((run_start - 1) * page_size)
         db.write(b"".join(run))
     lock = lock_pgno(page_size)
-    if header.is_snapshot and header.commit >= lock:
-        # The lock page is never encoded; a materialized snapshot has zeros
-        # there, whatever an older file at this path held.
+    if zero_lock_page and commit >= lock:
         db.seek((lock - 1) * page_size)
         db.write(bytes(page_size))
-    db.truncate(header.commit * page_size)
+    db.truncate(commit * page_size)
     db.flush()
+
+
+def _write_pages(db: BinaryIO, ltx: BinaryIO) -> Header:
+    """Second pass: write the pages of an already checked LTX file into db."""
+    dec = Decoder(ltx)
+    header = dec.header
+    write_pages(db, dec.pages(), header.page_size, header.commit, zero_lock_page=header.is_snapshot)
     return header
 
 
@@ -263,21 +282,17 @@ def encode_database(
             node_id=node_id,
         )
         with atomic_write(out_path) as out:
-            trailer = _encode_pages(db, out, header, name)
+            trailer = encode_snapshot(out, header, _file_pages(db, page_size, page_count, name))
     return header, trailer
 
 
-def _encode_pages(db: BinaryIO, out: BinaryIO, header: Header, name: str) -> Trailer:
-    """Stream every page of db into an Encoder, summing page checksums on the way."""
-    page_size = header.page_size
-    page_count = header.commit
-    lock = lock_pgno(page_size)
-    enc = Encoder(out, header)
+def _file_pages(
+    db: BinaryIO, page_size: int, page_count: int, name: str
+) -> Iterator[tuple[int, memoryview]]:
+    """Every page of db, read in large chunks (each view is valid until the next)."""
     per_chunk = max(1, READ_CHUNK // page_size)
     buf = bytearray(per_chunk * page_size)
     view = memoryview(buf)
-    write_page = enc.write_page
-    xor = 0
     pgno = 1
     db.seek(0)
     while pgno <= page_count:
@@ -287,10 +302,6 @@ def _encode_pages(db: BinaryIO, out: BinaryIO, header: Header, name: str) -> Tra
             raise SQLiteFormatError(f"{name}: database shrank while it was being encoded")
         off = 0
         for p in range(pgno, pgno + n):
-            if p != lock:
-                page = view[off : off + page_size]
-                xor ^= page_checksum(p, page)
-                write_page(p, page)
+            yield p, view[off : off + page_size]
             off += page_size
         pgno += n
-    return enc.finish(CHECKSUM_FLAG | xor)

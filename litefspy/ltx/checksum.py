@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -219,7 +219,7 @@ class PageChecksums:
         self._cks[pgno - 1] = checksum
         self._xor ^= old ^ checksum
 
-    def set_run(self, start: int, checksums: list[int]) -> None:
+    def set_run(self, start: int, checksums: Sequence[int]) -> None:
         """`set` for pages start, start + 1, ... at once (a run of consecutive pages)."""
         n = len(checksums)
         if n == 0:
@@ -228,7 +228,7 @@ class PageChecksums:
             raise LTXError(f"invalid page number {start}")
         if start <= self._lock < start + n:
             raise LTXError(f"page {self._lock} is SQLite's lock page and is never stored")
-        new = array("Q", checksums)
+        new = checksums if isinstance(checksums, array) else array("Q", checksums)
         self._grow(start - 1)
         replaced = self._cks[start - 1 : start - 1 + n]
         self._cks[start - 1 : start - 1 + n] = new  # extends the array past its end

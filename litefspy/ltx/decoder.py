@@ -9,8 +9,8 @@ from typing import BinaryIO
 import lz4.frame
 
 from litefspy.errors import LTXChecksumError, LTXError
+from litefspy.fsutil import StrPath
 from litefspy.ltx.checksum import crc64
-from litefspy.ltx.files import StrPath
 from litefspy.ltx.format import (
     CHECKSUM_FLAG,
     HEADER_SIZE,

@@ -1,15 +1,15 @@
-"""Streaming LTX v1 writer."""
+"""Streaming LTX v1 writer, and the one snapshot encoder (`encode_snapshot`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 import lz4.frame
 
 from litefspy.errors import LTXError
-from litefspy.ltx.checksum import crc64
-from litefspy.ltx.files import StrPath, atomic_write
+from litefspy.fsutil import StrPath, atomic_write
+from litefspy.ltx.checksum import crc64, page_checksum
 from litefspy.ltx.format import (
     CHECKSUM_FLAG,
     PAGE_HEADER_SIZE,
@@ -160,3 +160,35 @@ def write_ltx_file(
         for pgno, data in pages:
             enc.write_page(pgno, data)
         return enc.finish(post_apply_checksum)
+
+
+def encode_snapshot(
+    out: BinaryIO,
+    header: Header,
+    pages: Iterable[tuple[int, bytes | bytearray | memoryview]],
+    *,
+    on_page: Callable[[], None] | None = None,
+    check: Callable[[int], None] | None = None,
+) -> Trailer:
+    """Encode a whole database state as an LTX snapshot into `out` (not synced).
+
+    `pages` are every page of the state in order; the lock page, if among them,
+    is skipped. The post-apply checksum is computed on the way. `on_page` is
+    called after each page; `check` gets the checksum before the trailer is
+    written and may raise to refuse the snapshot.
+    """
+    lock = lock_pgno(header.page_size)
+    enc = Encoder(out, header)
+    write_page = enc.write_page
+    xor = 0
+    for pgno, data in pages:
+        if pgno == lock:
+            continue
+        xor ^= page_checksum(pgno, data)
+        write_page(pgno, data)
+        if on_page is not None:
+            on_page()
+    total = CHECKSUM_FLAG | xor
+    if check is not None:
+        check(total)
+    return enc.finish(total)

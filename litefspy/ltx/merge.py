@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from litefspy.errors import LTXError
+from litefspy.fsutil import StrPath
 from litefspy.ltx.decoder import Decoder
 from litefspy.ltx.encoder import Encoder
-from litefspy.ltx.files import StrPath
 from litefspy.ltx.format import FLAG_COMPRESS, Header, Trailer
 
 

@@ -46,7 +46,8 @@ from litefspy.replication.identity import (
 )
 from litefspy.rpc import client as rpc_client
 from litefspy.rpc.client import FrameStream
-from litefspy.store.store import Store, valid_database_name
+from litefspy.store.files import valid_database_name
+from litefspy.store.store import Store
 from litefspy.v1 import replication_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import secrets
 from pathlib import Path
 
 from litefspy.errors import DatabaseError, LeaseError
+from litefspy.fsutil import atomic_write
 from litefspy.lease.base import PrimaryInfo
-from litefspy.ltx.files import atomic_write
 
 CLUSTER_ID_FILE = "clusterid"
 EPOCH_FILE = "epoch"

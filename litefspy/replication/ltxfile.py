@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from litefspy.errors import LTXError
-from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
+from litefspy.ltx.format import Header, Trailer
+from litefspy.ltx.peek import ends_of
 
 # Size of one LTXChunk's data: big enough that per-frame overhead (a trip
 # through the gRPC bridge) vanishes, small enough to stay far below gRPC's
@@ -42,11 +42,7 @@ def open_ltx(path: os.PathLike[str] | str, chunk_size: int = CHUNK_SIZE) -> Open
     f = open(path, "rb")  # noqa: SIM115 - owned by the returned OpenLTX
     try:
         size = os.fstat(f.fileno()).st_size
-        if size < HEADER_SIZE + TRAILER_SIZE:
-            raise LTXError(f"{path}: truncated LTX file ({size} bytes)")
-        header = Header.decode(os.pread(f.fileno(), HEADER_SIZE, 0))
-        trailer = Trailer.decode(os.pread(f.fileno(), TRAILER_SIZE, size - TRAILER_SIZE))
-        trailer.validate(header.commit)
+        header, trailer = ends_of(f.fileno(), size, path)
         head = f.read(chunk_size)
     except BaseException:
         f.close()

@@ -39,8 +39,9 @@ from litefspy.progress import SNAPSHOT_SEND, Progress
 from litefspy.replication.ltxfile import CHUNK_SIZE, OpenLTX, open_ltx
 from litefspy.rpc.errors import Code, RPCRefused
 from litefspy.rpc.methods import Frame
-from litefspy.store.database import CommitInfo, Database, Position
+from litefspy.store.database import Database
 from litefspy.store.store import Store
+from litefspy.store.types import CommitInfo, Position
 from litefspy.v1 import replication_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class ReplicationServer:
         # With `_ending`: send everything up to the final positions before End.
         self._drain = False
         self._no_sessions = trio.Event()
-        self._unsubscribe = store.subscribe(self._on_commit)
+        self._unsubscribe = store.feed.subscribe(self._on_commit)
 
     def close(self) -> None:
         """Stop listening to commits."""

@@ -17,6 +17,9 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "MIN_PAGE_SIZE",
     "PENDING_BYTE",
+    "RESERVED_BYTE",
+    "SHARED_FIRST",
+    "SHARED_SIZE",
     "SQLITE_MAGIC",
     "DatabaseHeader",
     "is_valid_page_size",
@@ -30,6 +33,10 @@ MIN_PAGE_SIZE = 512
 MAX_PAGE_SIZE = 65536
 # The byte range SQLite locks; the page holding it is never used for data.
 PENDING_BYTE = 0x40000000
+# Database file lock bytes (unix VFS): PENDING, RESERVED, then the SHARED range.
+RESERVED_BYTE = PENDING_BYTE + 1
+SHARED_FIRST = PENDING_BYTE + 2
+SHARED_SIZE = 510
 
 # page size u16 @16, write version u8 @18, read version u8 @19,
 # change counter u32 @24, page count u32 @28, ..., version-valid-for u32 @92,

@@ -40,6 +40,7 @@ transaction committed, and it must not be rolled back (`is_hot_journal`).
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ __all__ = [
     "read_super_journal_name",
     "rollback_journal",
     "super_journal_children",
+    "super_journal_main",
 ]
 
 JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
@@ -72,6 +74,17 @@ _HEADER_FIELDS = struct.Struct(">5I")
 _U32 = struct.Struct(">I")
 # The super-journal pointer's trailer: path length, path checksum, journal magic.
 _SUPER_TRAILER_SIZE = 16
+# SQLite's super-journal of a multi-database transaction: MAIN-mj + 6 hex digits,
+# a 9, 2 hex digits (sqlite3VdbeHalt's "-mj%06X9%02X").
+_SUPER_JOURNAL_RE = re.compile(r"^(.+)-mj[0-9A-F]{6}9[0-9A-F]{2}$")
+
+
+def super_journal_main(name: str) -> str | None:
+    """The MAIN of a super-journal's file name (MAIN-mjXXXXXXXXX), or None if it is not one."""
+    match = _SUPER_JOURNAL_RE.match(name)
+    return match.group(1) if match is not None else None
+
+
 # SQLite's unix VFS allows paths up to this long (mxPathname).
 _MAX_PATHNAME = 512
 _MASK32 = 0xFFFFFFFF

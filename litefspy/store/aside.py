@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from litefspy.store.database import fsync_dir
+from litefspy.fsutil import fsync_dir
 
 _DIR_RE = re.compile(r"aside-(\d+)")
 _WAL_RE = re.compile(r"wal\.aside-(\d+)")

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from litefspy.errors import LTXError
 from litefspy.ltx.checksum import PageChecksums, crc64
-from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +125,3 @@ def take(directory: Path) -> CleanSums | None:
     except (ValueError, KeyError, TypeError, LTXError) as exc:
         log.warning("ignoring a damaged clean-stop record %s: %s", path, exc)
         return None
-
-
-def read_ends(path: Path) -> tuple[Header, Trailer]:
-    """An LTX file's header and trailer, without reading (or verifying) its pages."""
-    with open(path, "rb") as f:
-        header = Header.decode(f.read(HEADER_SIZE))
-        size = os.fstat(f.fileno()).st_size
-        if size < HEADER_SIZE + TRAILER_SIZE:
-            raise LTXError(f"{path}: truncated LTX file ({size} bytes)")
-        f.seek(size - TRAILER_SIZE)
-        trailer = Trailer.decode(f.read(TRAILER_SIZE))
-    trailer.validate(header.commit)
-    return header, trailer

@@ -15,10 +15,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
 import sqlite3
 import struct
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,19 +24,16 @@ from pathlib import Path
 from typing import Protocol
 
 from litefspy.errors import DatabaseError
-from litefspy.sqlite.wal import wal_checksum
-
-# Database file lock bytes (unix VFS).
-PENDING_BYTE = 0x40000000
-RESERVED_BYTE = PENDING_BYTE + 1
-SHARED_FIRST = PENDING_BYTE + 2
-SHARED_SIZE = 510
-# -shm lock bytes: write, checkpoint, recover, then five read marks.
-SHM_WRITE = 120
-SHM_CKPT = 121
-SHM_READ0 = 123
-SHM_NLOCK = 8
-SHM_DMS = SHM_WRITE + SHM_NLOCK  # dead-man switch: shared while a connection is open
+from litefspy.sqlite.header import PENDING_BYTE, RESERVED_BYTE, SHARED_FIRST, SHARED_SIZE
+from litefspy.sqlite.shm import (
+    SHM_CKPT,
+    SHM_DMS,
+    SHM_NLOCK,
+    SHM_READ0,
+    SHM_WRITE,
+    WAL_INDEX_HEADER_SIZE,
+    build_wal_index,
+)
 
 _FLOCK = "hhqqixxxx"  # struct flock on Linux x86_64/aarch64: 32 bytes
 
@@ -300,54 +295,3 @@ class MountLocks:
             return
         old = os.pread(fd, WAL_INDEX_HEADER_SIZE, 0)
         os.pwrite(fd, build_wal_index(old, page_size), 0)
-
-
-WAL_INDEX_HEADER_SIZE = 48
-_READMARK_NOT_USED = 0xFFFFFFFF
-_NATIVE = "<" if sys.byteorder == "little" else ">"
-
-
-def build_wal_index(old_header: bytes, page_size: int) -> bytes:
-    """The first 136 bytes of -shm for an empty WAL: two header copies + checkpoint info.
-
-    WalIndexHdr (native byte order): iVersion, unused, iChange, isInit, bigEndCksum,
-    szPage, mxFrame, nPage, aFrameCksum[2], aSalt[2], aCksum[2]; aCksum is SQLite's
-    WAL checksum over the first 40 bytes in native order. mxFrame = nPage = 0 tells
-    readers to read every page from the database file (nPage 0: use the file size).
-    """
-    change = secrets.randbits(32)
-    if len(old_header) == WAL_INDEX_HEADER_SIZE:
-        (old_change,) = struct.unpack_from(_NATIVE + "I", old_header, 8)
-        if old_header[12]:
-            change = (old_change + 1) & 0xFFFFFFFF
-    sz = (page_size & 0xFF00) | (page_size >> 16)
-    body = struct.pack(
-        _NATIVE + "IIIBBHIIIIII",
-        3007000,
-        0,
-        change,
-        1,
-        1 if sys.byteorder == "big" else 0,
-        sz,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    )
-    ck = wal_checksum(body, 0, 0, sys.byteorder == "big")
-    header = body + struct.pack(_NATIVE + "II", *ck)
-    ckpt = struct.pack(
-        _NATIVE + "6I8sII",
-        0,  # nBackfill
-        0,  # aReadMark[0]
-        0,  # aReadMark[1]
-        _READMARK_NOT_USED,
-        _READMARK_NOT_USED,
-        _READMARK_NOT_USED,
-        bytes(8),
-        0,
-        0,
-    )
-    return header + header + ckpt

@@ -1,16 +1,18 @@
-"""All databases of one node: discovery, recovery, role, and commit notification."""
+"""All databases of one node: the registry (open, get, create), role, retention, mount.
+
+The jobs on a database live beside it: `apply` (replica apply), `halt` (write
+forwarding), `transfer` (import, export, snapshots), `recovery`, `capture`.
+`Store` keeps their entry points callable where callers are many.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -19,141 +21,35 @@ import trio
 
 from litefspy.errors import (
     DatabaseError,
-    LitefspyError,
-    LTXError,
     NotFoundError,
-    ReadOnlyError,
     RecoveryError,
-    ReplicationError,
-    SQLiteFormatError,
 )
+from litefspy.fsutil import fsync_dir, sync_files
 from litefspy.logs import kv
-from litefspy.ltx.apply import apply_files
-from litefspy.ltx.checksum import PageChecksums, page_checksum
-from litefspy.ltx.decoder import Decoder, read_verified, verify_file
-from litefspy.ltx.format import Header, Trailer, lock_pgno
 from litefspy.progress import Progress, ProgressBoard
-from litefspy.sqlite.header import parse_database_header
 from litefspy.sqlite.journal import (
     JOURNAL_HEADER_SIZE,
     parse_journal_header,
     read_super_journal_name,
     super_journal_children,
 )
-from litefspy.store.database import (
-    ChecksumChanges,
-    CommitInfo,
-    Database,
-    FileKind,
-    Forwarder,
-    Position,
-    fsync_dir,
-    post_apply_checksum,
-    sync_files,
-    write_snapshot,
+from litefspy.store import apply, recovery, transfer
+from litefspy.store import halt as halts
+from litefspy.store.database import Database
+from litefspy.store.feed import CommitFeed
+from litefspy.store.files import (
+    is_super_journal_name,
+    load_node_id,
+    valid_database_name,
 )
+from litefspy.store.halt import Halt
 from litefspy.store.keeper import LockKeeper
 from litefspy.store.locks import Held, HeldLocks
 from litefspy.store.owner import lock_data_dir
+from litefspy.store.types import FileKind, Forwarder, Position
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-# Names the mount accepts as databases: no path separators, no sidecar suffixes,
-# nothing hidden (dot-names are litefspy's own special files).
-_NAME_RE = re.compile(r"^[^/\x00.][^/\x00]{0,200}$")
-SIDECAR_SUFFIXES = ("-journal", "-wal", "-shm", "-pos")
-# SQLite's super-journal of a multi-database transaction: MAIN-mj + 6 hex digits,
-# a 9, 2 hex digits (sqlite3VdbeHalt's "-mj%06X9%02X").
-_SUPER_JOURNAL_RE = re.compile(r"^(.+)-mj[0-9A-F]{6}9[0-9A-F]{2}$")
-# LTX files up to this size are verified on the trio thread (a few tens of us).
-INLINE_VERIFY_BYTES = 256 * 1024
-
-
-def valid_database_name(name: str) -> bool:
-    """True if `name` can be a database inside the mount."""
-    return (
-        bool(_NAME_RE.match(name))
-        and not name.endswith(SIDECAR_SUFFIXES)
-        and not is_super_journal_name(name)
-    )
-
-
-def is_super_journal_name(name: str) -> bool:
-    """True if `name` is one SQLite gives the super-journal of a multi-database commit."""
-    match = _SUPER_JOURNAL_RE.match(name)
-    return match is not None and bool(_NAME_RE.match(match.group(1)))
-
-
-def load_node_id(data_dir: Path) -> int:
-    """The node's persistent 64-bit id (LTX node ID field), created on first start."""
-    path = data_dir / "id"
-    try:
-        text = path.read_text().strip()
-        value = int(text, 16)
-        if value > 0:
-            return value
-    except FileNotFoundError:
-        pass
-    except ValueError as exc:
-        raise DatabaseError(
-            f"{path} is corrupt ({text!r}); delete it to get a new node id"
-        ) from exc
-    value = secrets.randbits(63) | 1
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{value:016X}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    fsync_dir(data_dir)
-    return value
-
-
-def validate_sqlite_file(path: Path) -> tuple[int, int]:
-    """(page size, page count) of a valid SQLite database file, or a clear error."""
-    try:
-        with open(path, "rb") as f:
-            header = parse_database_header(f.read(100))
-    except FileNotFoundError as exc:
-        raise DatabaseError(f"{path}: no such file") from exc
-    except SQLiteFormatError as exc:
-        raise DatabaseError(f"{path}: {exc}") from exc
-    size = path.stat().st_size
-    if size == 0 or size % header.page_size:
-        raise DatabaseError(
-            f"{path} is {size} bytes, not a whole number of {header.page_size}-byte pages "
-            "(truncated or not a SQLite database)"
-        )
-    pages = size // header.page_size
-    if header.page_count_valid and header.page_count > pages:
-        raise DatabaseError(
-            f"{path} is incomplete: its header says {header.page_count} pages, the file "
-            f"has {pages} (a copy cut short?)"
-        )
-    if Path(f"{path}-wal").exists() and Path(f"{path}-wal").stat().st_size > 0:
-        raise DatabaseError(f"{path} has a non-empty -wal file; checkpoint it before importing")
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            result = conn.execute("PRAGMA integrity_check").fetchall()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise DatabaseError(f"{path} failed to open as SQLite: {exc}") from exc
-    if result != [("ok",)]:
-        detail = "; ".join(str(r[0]) for r in result[:3])
-        raise DatabaseError(f"{path} failed PRAGMA integrity_check: {detail}")
-    return header.page_size, size // header.page_size
-
-
-def read_page_size(path: Path) -> int:
-    """The page size in a database file's header, 0 if it has none."""
-    try:
-        with open(path, "rb") as f:
-            return parse_database_header(f.read(100)).page_size
-    except (OSError, SQLiteFormatError):
-        return 0
 
 
 class CacheInvalidator(Protocol):
@@ -161,30 +57,6 @@ class CacheInvalidator(Protocol):
 
     def invalidate_database(self, name: str) -> None:
         """Invalidate cached pages, attributes and entries of every file of `name`."""
-
-
-@dataclass
-class Halt:
-    """A halt lock the primary holds for a replica (write forwarding, litefspy.halt).
-
-    `held` pauses the database's SQLite writers on this node; `expires` (trio
-    clock) moves forward with every renewal or forwarded commit; `lock` keeps
-    one forwarded commit at a time and lets `end_halt` wait for one in flight.
-    """
-
-    id: str
-    name: str
-    holder: str
-    ttl: float
-    held: Held
-    wal: bool
-    expires: float = 0.0
-    active: bool = True
-    lock: trio.Lock = field(default_factory=trio.Lock)
-    ended: trio.Event = field(default_factory=trio.Event)
-
-    def renew(self) -> None:
-        self.expires = trio.current_time() + self.ttl
 
 
 class Store:
@@ -216,11 +88,12 @@ class Store:
         self._dbs: dict[str, Database] = {}
         # Databases whose recovery refused to guess: name -> message. They stay offline.
         self.failed: dict[str, str] = {}
-        self._listeners: list[Callable[[CommitInfo], None]] = []
+        # Every new LTX file is announced here (commits, applies, imports).
+        self.feed = CommitFeed()
         self.writable = True
         self.tmp_dir = self.data_dir / "tmp"
-        self._locks: LockKeeper | None = None
-        self._invalidator: CacheInvalidator | None = None
+        self.locks: LockKeeper | None = None
+        self.invalidator: CacheInvalidator | None = None
         # Primary: halt locks held for replicas, by database name.
         self.halts: dict[str, Halt] = {}
         # Backups: the newest TXID uploaded per database. Local retention keeps
@@ -269,13 +142,13 @@ class Store:
             # once it is ready.
             db.on_commit = None
             try:
-                db.recover()
+                recovery.recover(db)
             except RecoveryError as exc:
                 log.error("database offline: %s", exc)
                 self.failed[entry] = str(exc)
                 db.close()
                 continue
-            db.on_commit = self._notify
+            db.on_commit = self.feed.publish
             self._dbs[entry] = db
             log.info("database ready %s", kv(db=entry, pos=db.pos))
         self._remove_finished_super_journals()
@@ -334,7 +207,7 @@ class Store:
         for db in self._dbs.values():
             try:
                 db.sync_pending()
-                db.write_clean_record()
+                recovery.write_clean_record(db)
             except OSError as exc:
                 log.error("could not sync LTX files at shutdown %s: %s", kv(db=db.name), exc)
             db.close()
@@ -362,25 +235,12 @@ class Store:
             node_id=self.node_id,
             compress=self.compress,
             strict_verify=self.strict_verify,
-            on_commit=self._notify,
+            on_commit=self.feed.publish,
             super_journal_exists=self.super_journal_exists,
         )
         db.writable = self.writable
         db.progress = self.progress
         return db
-
-    def _notify(self, info: CommitInfo) -> None:
-        for listener in list(self._listeners):
-            listener(info)
-
-    def subscribe(self, listener: Callable[[CommitInfo], None]) -> Callable[[], None]:
-        """Call `listener` after every new LTX file; returns an unsubscribe function.
-
-        Listeners run inside the FUSE handler that committed, so they must only
-        record the fact (e.g. set a trio.Event), never block.
-        """
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
 
     def set_writable(self, writable: bool) -> None:
         """Primary (True) or replica (False)."""
@@ -459,18 +319,18 @@ class Store:
         The locks live in a separate keeper process (see keeper.py): this
         process never makes a system call on its own mount.
         """
-        self._locks = LockKeeper(Path(mountpoint))
-        self._locks.start()
-        self._invalidator = invalidator
+        self.locks = LockKeeper(Path(mountpoint))
+        self.locks.start()
+        self.invalidator = invalidator
 
     @property
     def lock_keeper_pid(self) -> int | None:
         """The process that takes litefspy's locks through the mount (if any)."""
-        return self._locks.pid if self._locks is not None else None
+        return self.locks.pid if self.locks is not None else None
 
     def detach_mount(self) -> None:
         """Let go of every lock and descriptor on the mount (before unmounting)."""
-        locks, self._locks = self._locks, None
+        locks, self.locks = self.locks, None
         if locks is not None:
             locks.close()
 
@@ -479,33 +339,16 @@ class Store:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         return self.tmp_dir / f"{name}.{secrets.token_hex(6)}.ltx.tmp"
 
-    def _require(self, name: str) -> Database:
+    def require(self, name: str) -> Database:
         db = self.get(name)
         if db is None:
             raise NotFoundError(f"no database named {name}")
         return db
 
-    async def snapshot(self, name: str, progress: Progress | None = None) -> Path:
-        """A verified LTX snapshot of the committed state; the caller deletes the file.
-
-        Taken under SQLite read locks (through the mount) so that no commit or
-        checkpoint changes the files while they are read; the commits that happen
-        meanwhile in WAL mode only append frames the snapshot does not read.
-        `progress` (if given) counts the database's bytes as they are read.
-        """
-        db = self._require(name)
-        held = await self._lock(name, db.is_wal_mode(), exclusive=False)
-        try:
-            state = db.committed_state()
-            out = self.incoming_path(name)
-            if progress is not None:
-                progress.next_phase("building snapshot", state.commit * state.page_size)
-            return await trio.to_thread.run_sync(write_snapshot, db, state, out, progress)
-        finally:
-            await trio.to_thread.run_sync(held.release)
-
-    async def _lock(self, name: str, wal: bool, *, exclusive: bool, writers: bool = False) -> Held:
-        locks = self._locks
+    async def take_locks(
+        self, name: str, wal: bool, *, exclusive: bool, writers: bool = False
+    ) -> Held:
+        locks = self.locks
         if locks is None:
             return HeldLocks()
         if exclusive:
@@ -513,285 +356,63 @@ class Store:
         return await trio.to_thread.run_sync(locks.read, name, wal)
 
     async def apply_ltx(self, name: str, path: Path, *, set_aside: bool = False) -> Position:
-        """Replica side: apply one complete received LTX file (see module docs).
+        """Replica side: apply one complete received LTX file (see module docs)."""
+        return await apply.apply_ltx(self, name, path, set_aside=set_aside)
 
-        `set_aside` (with a snapshot): the primary says this node's history diverged
-        from its own (e.g. a deposed primary's unreplicated transactions); the
-        node's LTX files and a copy of its database are kept under
-        `<data>/dbs/NAME/aside-<ms>/` instead of being dropped.
-        """
-        pages: list[tuple[int, bytes]] | None = None
-        if os.stat(path).st_size <= INLINE_VERIFY_BYTES:
-            # A small file verifies faster than a trip to a worker thread and back,
-            # and its decoded pages are kept: the apply writes them without a
-            # second decode.
-            header, trailer, pages = read_verified(path)
-        else:
-            header, trailer = await trio.to_thread.run_sync(verify_file, path)
-        async with self.capture_lock(name):
-            return await self._apply_verified(
-                name, path, header, trailer, pages=pages, set_aside=set_aside
-            )
+    def after_apply(self, name: str, wal: bool, held: Held | None = None) -> None:
+        """Worker thread, locks held: make readers see the new pages."""
+        apply.after_apply(self, name, wal, held)
 
-    async def _apply_verified(
-        self,
-        name: str,
-        path: Path,
-        header: Header,
-        trailer: Trailer,
-        *,
-        pages: list[tuple[int, bytes]] | None,
-        set_aside: bool,
+    async def begin_halt(self, name: str, holder: str, ttl: float, patience: float) -> Halt:
+        """Primary: pause the SQLite writers of `name` on this node for a replica."""
+        return await halts.begin_halt(self, name, holder, ttl, patience)
+
+    async def end_halt(self, halt: Halt) -> None:
+        """Primary: let the writers go on (waits for a forwarded commit in flight)."""
+        await halts.end_halt(self, halt)
+
+    async def apply_forwarded(self, halt: Halt, data: bytes | Path) -> Position:
+        """Primary: apply a transaction a halt holder committed (an LTX file), as the next TXID."""
+        return await halts.apply_forwarded(self, halt, data)
+
+    def begin_forwarding(self, name: str, forward: Forwarder) -> None:
+        """Replica: accept writes to `name`, each commit applied by the primary first."""
+        halts.begin_forwarding(self, name, forward)
+
+    async def end_forwarding(self, name: str) -> None:
+        """Replica: writes to `name` are refused again; only committed state stays."""
+        await halts.end_forwarding(self, name)
+
+    async def snapshot(self, name: str, progress: Progress | None = None) -> Path:
+        """A verified LTX snapshot of the committed state; the caller deletes the file."""
+        return await transfer.snapshot(self, name, progress)
+
+    async def import_database(
+        self, name: str, src: Path, progress: Progress | None = None
     ) -> Position:
-        if name in self.failed and header.is_snapshot:
-            # An offline database (its history did not match at startup) is repaired
-            # by a snapshot from the primary; what it had is kept aside. No wipe.
-            log.warning("repairing offline database from a snapshot %s", kv(db=name))
-            del self.failed[name]
-            set_aside = True
-        db = self.get(name)
-        if db is None:
-            if not valid_database_name(name):
-                raise ReplicationError(f"invalid database name {name!r} from the primary")
-            db = self.create(name)
-        if self._already_applied(db, header, trailer):
-            # The primary sent back a transaction this replica forwarded to it
-            # (write forwarding): it is already here, byte for byte.
-            await trio.to_thread.run_sync(partial(path.unlink, missing_ok=True))
-            return db.pos
-        deletion = header.commit == 0
-        continues = _continues(db, header)
-        if deletion and not continues and not header.is_snapshot:
-            # The primary deleted the database: that holds whatever this replica had,
-            # which is kept aside if it does not lead to the deletion.
-            log.warning(
-                "database deleted on the primary; keeping this replica's diverged copy aside %s",
-                kv(db=name, pos=db.pos),
-            )
-            set_aside = True
-        elif not header.is_snapshot and not continues:
-            raise ReplicationError(
-                f"LTX {header.min_txid:016x}-{header.max_txid:016x} for {name} does not "
-                f"continue position {db.pos} (pre-apply {header.pre_apply_checksum:016x})"
-            )
-        if (
-            db.checksums is not None
-            and not header.is_snapshot
-            and not deletion
-            and (db.checksums.page_size != header.page_size)
-        ):
-            raise ReplicationError(f"page size change for {name} needs a snapshot")
-        final = db.ltx_path(header.min_txid, header.max_txid)
-        # The database's own checksums, changed in place with an undo record
-        # (_write_applied): no O(database size) copy per transaction.
-        current = None if deletion else db.checksums
-        wal = db.is_wal_mode()
+        """Primary: replace (or create) database `name` with the SQLite file `src`."""
+        return await transfer.import_database(self, name, src, progress)
 
-        locks = self._locks
+    async def export_database(
+        self, name: str, out: Path, progress: Progress | None = None
+    ) -> Position:
+        """Write a consistent copy of `name` (its committed state) to `out`."""
+        return await transfer.export_database(self, name, out, progress)
 
-        def apply_in_thread() -> PageChecksums:
-            # One worker thread for the whole apply: each trio <-> thread hop costs
-            # more than the work for a small transaction (replication lag).
-            lock = (lambda: locks.exclusive(name, wal)) if locks is not None else HeldLocks
-            return self._apply_locked(
-                db,
-                header,
-                trailer,
-                src=path,
-                final=final,
-                current=current,
-                pages=pages,
-                lock=lock,
-                set_aside=set_aside,
-            )
-
-        after = await trio.to_thread.run_sync(apply_in_thread)
-        pos = Position(header.max_txid, trailer.post_apply_checksum)
-        db.applied(pos, after if header.commit else None)
-        self._notify(
-            CommitInfo(name, header.max_txid, final, final.stat().st_size, header.timestamp)
-        )
-        return pos
-
-    def _apply_locked(
-        self,
-        db: Database,
-        header: Header,
-        trailer: Trailer,
-        *,
-        src: Path,
-        final: Path,
-        current: PageChecksums | None,
-        pages: list[tuple[int, bytes]] | None,
-        lock: Callable[[], Held],
-        set_aside: bool,
-    ) -> PageChecksums:
-        """Worker thread: install the LTX file, then with `lock()` held write its pages.
-
-        Anything besides the database file that readers would see goes first: a
-        replica's WAL frames or hot journal left by writes a halt lock allowed
-        (a forwarded commit the primary did not confirm), a primary's own WAL
-        under a forwarded commit. Only the committed state may stay under the
-        new pages.
-        """
-        wal = db.is_wal_mode()
-        self._install_ltx(db, header, src, final, set_aside)
-        held = lock()
-        try:
-            if db.needs_settling():
-                db.settle(verify=False)
-            after = self._write_applied(db, final, header, trailer, current, pages=pages)
-            db.end_apply()
-            self._after_apply(db.name, wal, held)
-            return after
-        finally:
-            held.release()  # no-op once _after_apply released it
-
-    @staticmethod
-    def _already_applied(db: Database, header: Header, trailer: Trailer) -> bool:
-        """Is this incremental LTX file one this database already has (same TXID, same result)?"""
-        if header.is_snapshot or header.max_txid > db.pos.txid:
-            return False
-        if header.max_txid == db.pos.txid:
-            return trailer.post_apply_checksum == db.pos.checksum
-        local = db.ltx_path(header.min_txid, header.max_txid)
-        try:
-            return post_apply_checksum(local) == trailer.post_apply_checksum
-        except OSError:
-            return False
-
-    def _install_ltx(
-        self, db: Database, header: Header, src: Path, final: Path, set_aside: bool
-    ) -> None:
-        """Write-ahead: the file is in ltx/ before the database changes (recovery re-applies)."""
-        db.ensure_dirs()
-        if header.is_snapshot or set_aside:
-            ahead = db.pos.txid > header.max_txid
-            old = [p for _, _, p in db.ltx_files()]
-            if (ahead or set_aside) and old:
-                aside = db.dir / f"aside-{int(time.time() * 1000)}"
-                aside.mkdir()
-                if db.exists():
-                    shutil.copyfile(db.db_path, aside / "database")
-                for p in old:
-                    os.rename(p, aside / p.name)
-                fsync_dir(aside)
-                log.warning(
-                    "replica history diverged from the primary; its LTX files were set aside %s",
-                    kv(db=db.name, pos=db.pos, path=aside),
-                )
-            else:
-                for p in old:
-                    p.unlink(missing_ok=True)
-        db.begin_apply()
-        os.rename(src, final)
-        fsync_dir(db.ltx_dir)
-
-    @staticmethod
-    def _write_applied(
-        db: Database,
-        ltx: Path,
-        header: Header,
-        trailer: Trailer,
-        current: PageChecksums | None,
-        *,
-        pages: list[tuple[int, bytes]] | None,
-    ) -> PageChecksums:
-        """Write the pages that differ (worker thread, exclusive locks held).
-
-        `current` is the database's own checksums: an incremental file changes
-        them in place with an undo record (rolled back on any failure); a
-        snapshot starts afresh and still compares against `current` to skip
-        unchanged pages. `pages`: the file's pages, already decoded and verified
-        (small files): the result is checked before the database changes.
-        Otherwise the file is decoded here as it is written.
-        """
-        page_size = header.page_size
-        if current is not None and current.page_size != page_size:
-            current = None
-        changes = None
-        if header.is_snapshot or current is None:
-            after = PageChecksums(page_size)
-            track: PageChecksums | ChecksumChanges = after
-        else:
-            after = current
-            track = changes = ChecksumChanges(current)
-        try:
-            todo: list[tuple[int, bytes]] | None = None
-            if pages is not None:
-                todo = []
-                for pgno, data in pages:
-                    ck = page_checksum(pgno, data)
-                    if current is None or current.get(pgno) != ck:
-                        todo.append((pgno, data))
-                    track.set(pgno, ck)
-                track.truncate(header.commit)
-                if header.commit:
-                    _check_result(db, ltx, after, trailer)
-            if header.is_snapshot:
-                # Nothing of the old state may overlay the snapshot for readers.
-                db.path(FileKind.JOURNAL).unlink(missing_ok=True)
-                wal_path = db.path(FileKind.WAL)
-                if wal_path.exists():
-                    os.truncate(wal_path, 0)
-            fd = os.open(db.db_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if todo is not None:
-                    for pgno, data in todo:
-                        os.pwrite(fd, data, (pgno - 1) * page_size)
-                else:
-                    with open(ltx, "rb") as f:
-                        for pgno, data in Decoder(f).pages():
-                            ck = page_checksum(pgno, data)
-                            if current is None or current.get(pgno) != ck:
-                                os.pwrite(fd, data, (pgno - 1) * page_size)
-                            track.set(pgno, ck)
-                    track.truncate(header.commit)
-                lock = lock_pgno(page_size)
-                if header.is_snapshot and header.commit >= lock:
-                    os.pwrite(fd, bytes(page_size), (lock - 1) * page_size)
-                os.ftruncate(fd, header.commit * page_size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if header.commit == 0:
-                for kind in FileKind:
-                    if kind is not FileKind.SHM:
-                        db.path(kind).unlink(missing_ok=True)
-            else:
-                _check_result(db, ltx, after, trailer)
-        except BaseException:
-            if changes is not None:
-                changes.rollback()
-            raise
-        return after
-
-    def _after_apply(self, name: str, wal: bool, held: Held | None = None) -> None:
-        """Worker thread, locks held: make readers see the new pages.
-
-        With `held`, the locks are released too: in the same call to the lock
-        keeper as the WAL-index reset (one round trip fewer per replica apply).
-        """
-        if self._invalidator is not None:
-            self._invalidator.invalidate_database(name)
-        db = self.get(name)
-        locks = self._locks
-        if wal and locks is not None and db is not None:
-            page_size = read_page_size(db.db_path)
-            if page_size:
-                if held is not None:
-                    locks.reset_and_release(held, name, page_size)
-                    return
-                locks.reset_wal_index(name, page_size)
-        if held is not None:
-            held.release()
+    def take_offline(self, name: str, message: str) -> Database | None:
+        """Mark `name` offline with `message` (until a restart's recovery); its Database."""
+        self.failed[name] = message
+        db = self._dbs.pop(name, None)
+        if db is not None:
+            db.close()
+        return db
 
     # ------------------------------------------------------------ roles
 
     async def demote(self) -> None:
         """Primary -> replica: refuse writes at once, then leave only committed state.
 
-        Connections mid-transaction may still roll back (see Database); once no
+        Connections mid-transaction may still roll back (see capture); once no
         SQLite connection holds a lock, litefspy rolls back any hot journal itself
         and folds the captured WAL frames into the database file. A database
         that cannot be settled gets position 0 so the new primary re-snapshots it.
@@ -804,23 +425,23 @@ class Store:
             )
             await self.end_halt(halt)
         for db in self.databases():
-            await self._settle_database(db, "demotion")
+            await self.settle_database(db, "demotion")
 
-    async def _settle_database(self, db: Database, why: str, *, verify: bool = True) -> None:
-        """Lock every SQLite connection out and leave only committed state (Database.settle).
+    async def settle_database(self, db: Database, why: str, *, verify: bool = True) -> None:
+        """Lock every SQLite connection out and leave only committed state (recovery.settle).
 
         A database that cannot be settled gets position 0, so the primary
         re-snapshots it.
         """
         wal = db.is_wal_mode()
         try:
-            held = await self._lock(db.name, wal, exclusive=True, writers=True)
+            held = await self.take_locks(db.name, wal, exclusive=True, writers=True)
         except DatabaseError as exc:
             log.error("could not lock database to settle it %s: %s", kv(db=db.name, after=why), exc)
             return
         try:
-            done = await trio.to_thread.run_sync(partial(db.settle, verify=verify))
-            await trio.to_thread.run_sync(self._after_apply, db.name, wal)
+            done = await trio.to_thread.run_sync(partial(recovery.settle, db, verify=verify))
+            await trio.to_thread.run_sync(self.after_apply, db.name, wal)
         except (OSError, DatabaseError) as exc:
             log.error("database needs a snapshot %s: %s", kv(db=db.name, after=why), exc)
             db.pos = Position(0, 0)
@@ -833,240 +454,6 @@ class Store:
     def promote(self) -> None:
         """Replica -> primary: accept writes (the caller has caught up first)."""
         self.set_writable(True)
-
-    # -------------------------------------------- write forwarding (halt lock)
-
-    async def begin_halt(self, name: str, holder: str, ttl: float, patience: float) -> Halt:
-        """Primary: pause the SQLite writers of `name` on this node for a replica.
-
-        Waits up to `patience` seconds for another halt on the database to end and
-        for the writers in progress to finish. Readers are not affected.
-        """
-        if not self.writable:
-            raise ReadOnlyError(f"cannot halt {name}: this node is not the primary")
-        db = self.get(name)
-        if db is None or not db.exists() or db.pos.txid == 0:
-            raise NotFoundError(
-                f"database {name} does not exist on the primary; create it there first"
-            )
-        locks = self._locks
-        if locks is None:
-            raise DatabaseError("halt locks need the mount")
-        with trio.move_on_after(patience):
-            while (current := self.halts.get(name)) is not None:
-                await current.ended.wait()
-        if current is not None:
-            raise DatabaseError(
-                f"cannot halt {name}: {current.holder} holds its halt lock (waited {patience:g} s)"
-            )
-        wal = db.is_wal_mode()
-        try:
-            held = await trio.to_thread.run_sync(locks.writers, name, wal, patience)
-        except DatabaseError as exc:
-            raise DatabaseError(f"cannot halt {name}: writers did not finish ({exc})") from None
-        if not self.writable or name in self.halts:
-            await trio.to_thread.run_sync(held.release)
-            raise DatabaseError(f"cannot halt {name}: the node's role changed meanwhile")
-        halt = Halt(secrets.token_hex(8), name, holder, ttl, held, wal)
-        halt.renew()
-        self.halts[name] = halt
-        log.info("halt lock granted %s", kv(db=name, holder=holder, pos=db.pos))
-        return halt
-
-    async def end_halt(self, halt: Halt) -> None:
-        """Primary: let the writers go on (waits for a forwarded commit in flight)."""
-        if halt.ended.is_set():
-            return
-        halt.active = False
-        if self.halts.get(halt.name) is halt:
-            del self.halts[halt.name]
-        with trio.CancelScope(shield=True):
-            async with halt.lock:
-                await trio.to_thread.run_sync(halt.held.release)
-        halt.ended.set()
-        log.info("halt lock released %s", kv(db=halt.name, holder=halt.holder))
-
-    async def apply_forwarded(self, halt: Halt, data: bytes | Path) -> Position:
-        """Primary: apply a transaction a halt holder committed (an LTX file), as the next TXID.
-
-        `data`: the file's bytes, or a file under `tmp_dir` (large transactions),
-        which is consumed either way.
-
-        Under the halt (writers paused) readers are locked out too while the
-        pages are written, the database's own WAL is folded in first, and the
-        file is kept, durably and byte for byte, as this node's LTX file, so
-        replicas receive it like any other commit (the sender recognises its own
-        transaction). All of it in one worker thread: a forwarded commit waits
-        for this, and each trio/thread hop costs more than the work.
-        """
-        async with halt.lock:
-            if not halt.active or self.halts.get(halt.name) is not halt or not self.writable:
-                raise DatabaseError(f"the halt lock on {halt.name} is no longer held")
-            name = halt.name
-            db = self._require(name)
-            locks = self._locks
-            assert locks is not None
-            path = data if isinstance(data, Path) else self.incoming_path(name)
-
-            def apply_in_thread() -> tuple[Header, Trailer, Path, PageChecksums]:
-                try:
-                    with open(path, "r+b" if isinstance(data, Path) else "wb") as f:
-                        if isinstance(data, bytes):
-                            f.write(data)
-                            f.flush()
-                        os.fsync(f.fileno())
-                    pages = None
-                    if os.stat(path).st_size <= INLINE_VERIFY_BYTES:
-                        header, trailer, pages = read_verified(path)
-                    else:
-                        header, trailer = verify_file(path)
-                    self._check_forwarded(db, header)
-                    assert db.checksums is not None
-                    current = db.checksums
-                    final = db.ltx_path(header.min_txid, header.max_txid)
-                    wal = db.is_wal_mode()
-                    started.append(final)
-                    after = self._apply_locked(
-                        db,
-                        header,
-                        trailer,
-                        src=path,
-                        final=final,
-                        current=current,
-                        pages=pages,
-                        lock=lambda: locks.exclude_readers(name, wal),
-                        set_aside=False,
-                    )
-                    return header, trailer, final, after
-                finally:
-                    path.unlink(missing_ok=True)
-
-            # Set once the LTX file is about to be installed and the pages written.
-            started: list[Path] = []
-            try:
-                header, trailer, final, after = await trio.to_thread.run_sync(apply_in_thread)
-            except (OSError, LitefspyError) as exc:
-                if started:
-                    self._offline_after_failed_apply(halt, started[0], exc)
-                raise
-            pos = Position(header.max_txid, trailer.post_apply_checksum)
-            db.applied(pos, after if header.commit else None)
-            halt.renew()
-            if header.commit and db.is_wal_mode() and not halt.wal:
-                # The transaction switched the database to WAL mode: its writers
-                # now take the -shm write lock, which the halt must hold too.
-                await trio.to_thread.run_sync(locks.writers, name, True, 10.0, halt.held)
-                halt.wal = True
-        log.info(
-            "applied forwarded transaction %s",
-            kv(db=name, txid=f"{pos.txid:016x}", holder=halt.holder),
-        )
-        self._notify(CommitInfo(name, pos.txid, final, final.stat().st_size, header.timestamp))
-        return pos
-
-    def _offline_after_failed_apply(self, halt: Halt, ltx: Path, exc: BaseException) -> None:
-        """A forwarded transaction failed part-way (e.g. a full disk while the file grew).
-
-        The database file may hold some of its pages while the position does not
-        include it: nothing may read or write the database until startup
-        recovery re-applies the LTX file (durable before any page was written).
-        """
-        message = (
-            f"database {halt.name} is offline: applying a forwarded transaction failed "
-            f"part-way ({exc}); free the cause and restart litefspy, whose recovery "
-            f"re-applies {ltx.name}"
-        )
-        log.error("%s", message)
-        self.failed[halt.name] = message
-        db = self._dbs.pop(halt.name, None)
-        if db is not None:
-            db.close()
-        halt.active = False
-
-    @staticmethod
-    def _check_forwarded(db: Database, header: Header) -> None:
-        if header.is_snapshot or not _continues(db, header):
-            raise DatabaseError(
-                f"forwarded transaction {header.min_txid:016x}-{header.max_txid:016x} "
-                f"does not continue {db.name} at {db.pos} on the primary"
-            )
-        if db.checksums is None or db.checksums.page_size != header.page_size:
-            raise DatabaseError(f"forwarded transaction changes the page size of {db.name}")
-
-    def begin_forwarding(self, name: str, forward: Forwarder) -> None:
-        """Replica: accept writes to `name`, each commit applied by the primary first."""
-        db = self._require(name)
-        db.forward = forward
-        db.writable = True
-
-    async def end_forwarding(self, name: str) -> None:
-        """Replica: writes to `name` are refused again; only committed state stays."""
-        db = self._dbs.get(name)
-        if db is None or db.forward is None:
-            return
-        with trio.CancelScope(shield=True):
-            # A forwarded commit in flight finishes (or fails) first.
-            async with self.capture_lock(name):
-                db.forward = None
-                db.writable = self.writable
-                if not self.writable:
-                    await self._settle_database(db, "write forwarding", verify=False)
-
-    # ------------------------------------------------------- import / export
-
-    async def import_database(
-        self, name: str, src: Path, progress: Progress | None = None
-    ) -> Position:
-        """Primary: replace (or create) database `name` with the SQLite file `src`.
-
-        The file is validated first (header, `PRAGMA integrity_check`); then, with
-        every SQLite reader and writer of `name` locked out through the mount, the
-        import is recorded as one new TXID (replicas receive it like any other) and
-        the kernel's and SQLite's caches are invalidated so open connections see
-        the new content.
-        """
-        if not self.writable:
-            raise ReadOnlyError(f"cannot import {name}: this node is a replica")
-        if progress is not None:
-            progress.set_detail("integrity check")
-        page_size, commit = await trio.to_thread.run_sync(validate_sqlite_file, src)
-        db = self.get(name) or self.create(name)
-        wal = db.is_wal_mode()
-        # A new database has no SQLite user to lock out (and the mount may be
-        # holding lookups of its name until the import is done).
-        if progress is not None:
-            progress.set_detail("waiting for SQLite locks")
-        held = (
-            await self._lock(name, wal, exclusive=True, writers=True)
-            if db.exists()
-            else HeldLocks()
-        )
-        try:
-            ltx = await trio.to_thread.run_sync(db.import_file, src, page_size, commit, progress)
-            await trio.to_thread.run_sync(self._after_apply, name, wal)
-        finally:
-            await trio.to_thread.run_sync(held.release)
-        log.info("imported database %s", kv(db=name, src=src, pos=db.pos))
-        self._notify(db.commit_info(ltx))
-        return db.pos
-
-    async def export_database(
-        self, name: str, out: Path, progress: Progress | None = None
-    ) -> Position:
-        """Write a consistent copy of `name` (its committed state) to `out`."""
-        db = self._require(name)
-        snap = await self.snapshot(name, progress)
-        if progress is not None:
-            progress.set_detail("writing the copy")
-        try:
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            txid, checksum = await trio.to_thread.run_sync(apply_files, tmp, [snap])
-            await trio.to_thread.run_sync(os.replace, tmp, out)
-        finally:
-            snap.unlink(missing_ok=True)
-        del db
-        return Position(txid, checksum)
 
     # ------------------------------------------------------------ retention
 
@@ -1162,16 +549,3 @@ def _children(super_journal: Path) -> list[str]:
         return super_journal_children(super_journal.read_bytes())
     except OSError:
         return []
-
-
-def _continues(db: Database, header: Header) -> bool:
-    """Does the LTX file start right after the database's position?"""
-    return header.min_txid == db.pos.txid + 1 and header.pre_apply_checksum == db.pos.checksum
-
-
-def _check_result(db: Database, ltx: Path, after: PageChecksums, trailer: Trailer) -> None:
-    if after.total != trailer.post_apply_checksum:
-        raise LTXError(
-            f"applying {ltx.name} to {db.name} gave checksum {after.total:016x}, "
-            f"expected {trailer.post_apply_checksum:016x}"
-        )
