@@ -11,7 +11,7 @@ APT_RUN := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
 APT_TEST := sqlite3 etcd-server nftables iproute2 rsync
 PYTEST_ARGS ?=
 
-.PHONY: all deps run-deps system-deps venv run test lint fmt proto bench clean
+.PHONY: all deps run-deps system-deps venv run test test-fast lint fmt proto bench clean
 
 all: test
 
@@ -54,6 +54,11 @@ test: deps
 	LITEFSPY_TEST_NO_FUSECTL=1 unshare -m sh -c \
 	  'umount /sys/fs/fuse/connections 2>/dev/null; exec "$$@"' sh \
 	  $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The tiers that need no mount and no node process (tests/unit, tests/store):
+# seconds to a minute or two, for the edit-test loop. `make test` runs them all.
+test-fast: deps
+	$(VENV)/bin/pytest -m "unit or store" $(PYTEST_ARGS)
 
 lint: deps
 	$(VENV)/bin/ruff check litefspy tests bench scripts

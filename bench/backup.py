@@ -11,7 +11,7 @@
   imported, backed up (one snapshot object), then restored with `litefspy
   restore`; seconds and MB/s. For a point two days back, the number of
   objects a restore downloads is planned over a simulated week of uploads
-  with compaction (tests/test_backup_plans.py's week): a count, not a time.
+  with compaction (tests/unit/test_backup_plans.py's week): a count, not a time.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _make_database(path: Path, size_mb: int) -> None:
 
 def run() -> list[dict[str, Any]]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.s3_server import SeaweedServer, weed_binary
+    from tests.support.s3_server import SeaweedServer, weed_binary
 
     binary = weed_binary()
     if binary is None:
@@ -262,7 +262,7 @@ def run() -> list[dict[str, Any]]:
                 "seconds": round(seconds, 2),
             }
         )
-        from tests.test_backup_plans import DAY, _week
+        from tests.unit.test_backup_plans import DAY, _week
 
         pieces, now = _week()
         from litefspy.backup.layout import plan_restore, txid_at

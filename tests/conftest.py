@@ -8,7 +8,31 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import NodeHung, NodeProcess
+from tests.support.nodes import NodeHung, NodeProcess
+
+# Tiers: a test's folder says what it needs, and marks it (`pytest -m unit`, or
+# `make test-fast` for the tiers without a mount or a node process).
+TIERS = {
+    "unit": "pure code, real sockets at most: no mount, no node process",
+    "store": "real SQLite driving the store through a VFS: no mount",
+    "fs": "one FUSE mount (in-process or one node)",
+    "cluster": "node processes talking gRPC, etcd, an object store",
+    "faults": "kills, partitions, crashes, full disks",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tier, what in TIERS.items():
+        config.addinivalue_line("markers", f"{tier}: {what}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).resolve().parent
+    for item in items:
+        tier = Path(str(item.path)).resolve().relative_to(here).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in a tier folder: {set(TIERS)}")
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture
