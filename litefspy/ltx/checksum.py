@@ -37,6 +37,11 @@ READ_CHUNK = 4 << 20
 _crc: Callable[..., int] = _fastcrc64.go_iso
 
 
+def crc64_function() -> Callable[..., int]:
+    """The raw CRC-64 function `crc64` wraps, for loops that call it per page."""
+    return _crc
+
+
 def crc64(data: bytes | bytearray | memoryview, initial: int | None = None) -> int:
     """CRC-64/GO-ISO of data; `initial` is a previous result, to continue it over more data."""
     return _crc(data, initial)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -11,6 +12,7 @@ import lz4.frame
 from litefspy.errors import LTXChecksumError, LTXError
 from litefspy.fsutil import StrPath
 from litefspy.ltx.checksum import crc64
+from litefspy.ltx.checksum import crc64_function as _crc_function
 from litefspy.ltx.format import (
     CHECKSUM_FLAG,
     HEADER_SIZE,
@@ -25,6 +27,8 @@ from litefspy.ltx.format import (
 # per call, so a highly compressible body (zero pages compress ~250:1) never
 # inflates into a huge buffer.
 _RAW_CHUNK = 1 << 20
+_u32 = struct.Struct(">I").unpack_from
+_crc = _crc_function()
 _OUT_CHUNK = 4 << 20
 
 
@@ -149,7 +153,7 @@ class Decoder:
 
     def pages(self) -> Iterator[tuple[int, bytes]]:
         """Yield (pgno, page bytes) in file order, then verify the trailer."""
-        for pgno, data, _ in self._records():
+        for pgno, data, _ in self._records(checksums=False):
             yield pgno, data
 
     def pages_with_checksums(self) -> Iterator[tuple[int, bytes, int]]:
@@ -158,16 +162,17 @@ class Decoder:
         The checksum is computed from the page's record as stored (the page
         number then the page), so no second pass over the page is needed.
         """
-        for pgno, data, record in self._records():
-            yield pgno, data, CHECKSUM_FLAG | crc64(record)
+        return self._records(checksums=True)
 
-    def _records(self) -> Iterator[tuple[int, bytes, bytes]]:
-        """(pgno, page, its whole record) for each page, checking the format's rules.
+    def _records(self, *, checksums: bool) -> Iterator[tuple[int, bytes, int]]:
+        """(pgno, page, its checksum or 0) for each page, checking the format's rules.
 
-        One read per page: the page number and the page together. At the
-        terminator that read may take bytes from beyond it (the trailer of
-        an uncompressed file, or stray data in an LZ4 frame), which go back
-        to the body for the trailer checks.
+        The hot loop takes whole records (page number, then page) straight
+        from the decompressed chunk in hand; only a record split across two
+        chunks, and the terminator, go through `_Body.read`. A read at the
+        terminator may take bytes from beyond it (the trailer of an
+        uncompressed file, or stray data in an LZ4 frame): they go back to
+        the body for the trailer checks.
         """
         if self._started:
             raise LTXError("LTX decoder: pages() can be iterated only once")
@@ -182,15 +187,36 @@ class Decoder:
         crc = self._crc
         last = 0
         while True:
-            record = body.read(record_size)
-            if len(record) < PAGE_HEADER_SIZE:
+            # Fast path: every whole record of the current chunk.
+            data, pos = body._data, body._pos
+            limit = len(data) - record_size
+            if pos <= limit:
+                view = memoryview(data)
+                while pos <= limit:
+                    pgno = _u32(data, pos)[0]
+                    if pgno == 0 or pgno <= last or pgno > commit or pgno == lock:
+                        break  # the terminator, or an error: the slow path says which
+                    if snapshot and pgno != (last + 2 if last + 1 == lock else last + 1):
+                        break
+                    record = view[pos : pos + record_size]
+                    crc = _crc(record, crc)
+                    last = pgno
+                    pos += record_size
+                    if checksums:
+                        yield pgno, data[pos - page_size : pos], CHECKSUM_FLAG | _crc(record)
+                    else:
+                        yield pgno, data[pos - page_size : pos], 0
+                body._pos = pos
+            # Slow path: one record across chunks, the terminator, or an error.
+            raw = body.read(record_size)
+            if len(raw) < PAGE_HEADER_SIZE:
                 raise LTXError(
                     f"truncated: the page block ends after page {last} without its terminator"
                 )
-            pgno = int.from_bytes(record[:PAGE_HEADER_SIZE], "big")
+            pgno = int.from_bytes(raw[:PAGE_HEADER_SIZE], "big")
             if pgno == 0:
-                body.unread(record[PAGE_HEADER_SIZE:])
-                crc = crc64(record[:PAGE_HEADER_SIZE], crc)
+                body.unread(raw[PAGE_HEADER_SIZE:])
+                crc = _crc(raw[:PAGE_HEADER_SIZE], crc)
                 break
             if pgno <= last:
                 raise LTXError(f"corrupt: page {pgno} follows page {last} (must ascend)")
@@ -202,11 +228,11 @@ class Decoder:
                 expected = last + 2 if last + 1 == lock else last + 1
                 if pgno != expected:
                     raise LTXError(f"corrupt: snapshot is missing page {expected}")
-            if len(record) < record_size:
+            if len(raw) < record_size:
                 raise LTXError(f"truncated: the file ends inside page {pgno}")
-            crc = crc64(record, crc)
+            crc = _crc(raw, crc)
             last = pgno
-            yield pgno, record[PAGE_HEADER_SIZE:], record
+            yield pgno, raw[PAGE_HEADER_SIZE:], (CHECKSUM_FLAG | _crc(raw)) if checksums else 0
         if snapshot:
             expected_last = commit - 1 if commit == lock else commit
             if last != expected_last:
