@@ -58,7 +58,7 @@ test: deps
 # The tiers that need no mount and no node process (tests/unit, tests/store):
 # seconds to a minute or two, for the edit-test loop. `make test` runs them all.
 test-fast: deps
-	$(VENV)/bin/pytest -m "unit or store" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "(unit or store) and not slow" $(PYTEST_ARGS)
 
 lint: deps
 	$(VENV)/bin/ruff check litefspy tests bench scripts

@@ -26,15 +26,13 @@ from litefspy.fuse.attrs import Attributes, negative
 from litefspy.fuse.inodes import InodeTable, Local, Node, Special
 from litefspy.logs import kv
 from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
-from litefspy.sqlite.header import parse_database_header
+from litefspy.sqlite.header import SQLITE_MAGIC, parse_database_header
 from litefspy.store.files import valid_database_name
 from litefspy.store.store import Store
 from litefspy.store.types import FileKind
 
 # The same logger as the handlers': the log lines read as they always did.
 log = logging.getLogger("litefspy.fuse.ops")
-
-SQLITE_MAGIC = b"SQLite format 3\0"
 
 
 @dataclass
