@@ -33,9 +33,9 @@ from litefspy.ltx.format import (
 from litefspy.sqlite.header import parse_database_header
 
 _MAX_COMMIT = (1 << 32) - 1
-# Contiguous pages are written to the database in runs of up to this size;
-# into a real file as one pwritev (no copy into one buffer) of at most
-# _RUN_PAGES pages (well under IOV_MAX; longer runs were no faster).
+# Contiguous pages are written to the database in runs of at most this size
+# and _RUN_PAGES pages: into a real file as one pwritev (no copy into one
+# buffer; well under IOV_MAX; longer runs were no faster).
 _WRITE_RUN = 4 << 20
 _RUN_PAGES = 256
 
@@ -97,7 +97,7 @@ def write_pages(
     fd = _fileno(db)
     if fd is not None:
         db.flush()  # runs go to the file descriptor itself, past the buffer
-    most = min(_WRITE_RUN // page_size, _RUN_PAGES) if fd is not None else _WRITE_RUN // page_size
+    most = min(_WRITE_RUN // page_size, _RUN_PAGES)
     run: list[bytes] = []
     run_start = 0  # first pgno of `run`
     for pgno, data in pages:

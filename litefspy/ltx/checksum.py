@@ -35,11 +35,8 @@ __all__ = [
 READ_CHUNK = 4 << 20
 
 _crc: Callable[..., int] = _fastcrc64.go_iso
-
-
-def crc64_function() -> Callable[..., int]:
-    """The raw CRC-64 function `crc64` wraps, for loops that call it per page."""
-    return _crc
+# The same function without `crc64`'s extra call, for loops that run it per page.
+crc64_unwrapped = _crc
 
 
 def crc64(data: bytes | bytearray | memoryview, initial: int | None = None) -> int:

@@ -12,7 +12,7 @@ import lz4.frame
 from litefspy.errors import LTXChecksumError, LTXError
 from litefspy.fsutil import StrPath
 from litefspy.ltx.checksum import crc64
-from litefspy.ltx.checksum import crc64_function as _crc_function
+from litefspy.ltx.checksum import crc64_unwrapped as _crc
 from litefspy.ltx.format import (
     CHECKSUM_FLAG,
     HEADER_SIZE,
@@ -27,9 +27,8 @@ from litefspy.ltx.format import (
 # per call, so a highly compressible body (zero pages compress ~250:1) never
 # inflates into a huge buffer.
 _RAW_CHUNK = 1 << 20
-_u32 = struct.Struct(">I").unpack_from
-_crc = _crc_function()
 _OUT_CHUNK = 4 << 20
+_u32 = struct.Struct(">I").unpack_from  # a page number from a record, in place
 
 
 def _read_exactly(f: BinaryIO, n: int) -> bytes:
