@@ -46,12 +46,13 @@ from litefspy.backup.target import Target
 from litefspy.backup.worker import merge_to_file
 from litefspy.errors import BackupError, LitefspyError, LTXError
 from litefspy.logs import kv
+from litefspy.ltx.decoder import verify_file
 from litefspy.ltx.encoder import Encoder
-from litefspy.ltx.format import CHECKSUM_FLAG, Header, Trailer
+from litefspy.ltx.format import CHECKSUM_FLAG, FLAG_COMPRESS, Header, Trailer
 from litefspy.ltx.peek import read_header, read_trailer
 from litefspy.store.database import Database
 from litefspy.store.store import Store
-from litefspy.store.types import Position
+from litefspy.store.types import CommitInfo, Position
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,68 @@ class BackupProgress:
     deleted: bool = False
     error: str = ""
     lag_txids: int = 0
+
+
+# How many bytes of changed pages the uploader holds per database between
+# uploads (the pages commits captured, newest version of each). Past it, that
+# interval's upload reads the LTX files back instead.
+HELD_BYTES_MAX = 16 << 20
+
+
+@dataclass
+class _Held:
+    """The commits of one database since the last upload, as captured (newest page wins).
+
+    Built from the commit feed, so that the upload of a sync interval is one
+    encode of the pages that changed, not a decode and re-encode of every
+    file it covers (the upload then costs about as much CPU whatever the
+    commit rate: the node's commit path keeps the cores).
+    """
+
+    first: Header  # the first commit's header (min TXID, pre-apply checksum)
+    last: Header
+    post_apply_checksum: int
+    pages: dict[int, bytes]
+    nbytes: int
+
+    def covers(self, after: Position, upto: Position) -> bool:
+        """Is this exactly the commits after `after` up to `upto`?"""
+        return (
+            self.first.min_txid == after.txid + 1
+            and self.first.pre_apply_checksum == after.checksum
+            and after.txid > 0
+            and self.last.max_txid == upto.txid
+            and self.post_apply_checksum == upto.checksum
+        )
+
+
+def _encode_held(held: _Held, out: Path) -> tuple[Header, Trailer]:
+    """Write the merge of the held commits to `out` and verify it (worker thread)."""
+    header = Header(
+        flags=FLAG_COMPRESS,
+        page_size=held.last.page_size,
+        commit=held.last.commit,
+        min_txid=held.first.min_txid,
+        max_txid=held.last.max_txid,
+        timestamp=held.last.timestamp,
+        pre_apply_checksum=held.first.pre_apply_checksum,
+        wal_offset=0,
+        wal_size=0,
+        wal_salt1=0,
+        wal_salt2=0,
+        node_id=held.last.node_id,
+    )
+    try:
+        with open(out, "wb") as f:
+            enc = Encoder(f, header)
+            for pgno in sorted(p for p in held.pages if p <= header.commit):
+                enc.write_page(pgno, held.pages[pgno])
+            trailer = enc.finish(held.post_apply_checksum)
+        verify_file(out)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return header, trailer
 
 
 @dataclass
@@ -152,6 +215,9 @@ def _write_deletion(
     return header, trailer
 
 
+_NOTHING = object()  # no commit held yet for a database
+
+
 class Uploader:
     """The primary's backup work for every database of `store` (see module doc)."""
 
@@ -181,6 +247,45 @@ class Uploader:
         self.notify = notify
         self._next_compaction = {level: 0.0 for level in COMPACTION}
         self._next_retention = 0.0
+        # Per database, the commits since its last upload (None: not usable
+        # until the next upload: a gap, a commit not captured here, too big).
+        self._held: dict[str, _Held | None] = {}
+
+    def _on_commit(self, info: CommitInfo) -> None:
+        """Feed subscriber (inside the commit's handler): hold the captured pages."""
+        held = self._held.get(info.name, _NOTHING)
+        if held is None:
+            return
+        captured = info.captured
+        if captured is None:
+            self._held[info.name] = None
+            return
+        header = captured.header
+        if held is _NOTHING:
+            size = sum(len(d) for _, d in captured.pages)
+            pages = dict(captured.pages)
+            self._held[info.name] = _Held(header, header, captured.post_apply_checksum, pages, size)
+            return
+        assert isinstance(held, _Held)
+        if (
+            header.min_txid != held.last.max_txid + 1
+            or header.pre_apply_checksum != held.post_apply_checksum
+            or header.page_size != held.last.page_size
+        ):
+            self._held[info.name] = None
+            return
+        pages = held.pages
+        for pgno, data in captured.pages:
+            old = pages.get(pgno)
+            held.nbytes += len(data) - (len(old) if old is not None else 0)
+            pages[pgno] = data
+        if header.commit < held.last.commit:
+            for pgno in [p for p in pages if p > header.commit]:
+                held.nbytes -= len(pages.pop(pgno))
+        held.last = header
+        held.post_apply_checksum = captured.post_apply_checksum
+        if held.nbytes > HELD_BYTES_MAX:
+            self._held[info.name] = None
 
     def _state(self, name: str) -> DatabaseBackup:
         return self.totals.per_db.setdefault(name, DatabaseBackup())
@@ -198,11 +303,17 @@ class Uploader:
         # A fixed cadence (start to start): a commit waits at most one interval
         # plus one upload, however long the previous pass took.
         tick = trio.current_time()
-        while True:
-            await self.sync_all()
-            await self.maintain()
-            tick = max(tick + self.sync_interval, trio.current_time())
-            await trio.sleep_until(tick)
+        self._held.clear()
+        unsubscribe = self.store.feed.subscribe(self._on_commit)
+        try:
+            while True:
+                await self.sync_all()
+                await self.maintain()
+                tick = max(tick + self.sync_interval, trio.current_time())
+                await trio.sleep_until(tick)
+        finally:
+            unsubscribe()
+            self._held.clear()
 
     async def sync_all(self) -> None:
         """One upload pass over every database; errors are recorded, never raised."""
@@ -245,6 +356,9 @@ class Uploader:
         if state.uploaded is None or state.marked_epoch != self.epoch():
             await self._adopt(name, state)
         assert state.uploaded is not None
+        # Taken together (no await between): commits from here on are held for
+        # the next upload.
+        held = self._held.pop(name, None)
         pos = db.pos
         if pos == state.uploaded:
             state.pending_since_ms = 0
@@ -252,15 +366,18 @@ class Uploader:
             return
         if not state.pending_since_ms:
             state.pending_since_ms = self._now_ms()
+        due = self._now_ms() - state.last_snapshot_ms >= self.snapshot_interval * 1000
+        if held is not None and not due and not db.is_deleted and held.covers(state.uploaded, pos):
+            await self._upload_held(name, state, held)
+            state.pending_since_ms = 0 if state.uploaded == db.pos else self._now_ms()
+            return
         files = await trio.to_thread.run_sync(_pending_files, db, state.uploaded.txid, pos.txid)
         if db.is_deleted:
             await self._upload_deletion(name, state, files, pos)
+        elif due or not self._continues(files, state.uploaded):
+            await self._upload_snapshot(name, state)
         else:
-            due = self._now_ms() - state.last_snapshot_ms >= self.snapshot_interval * 1000
-            if due or not self._continues(files, state.uploaded):
-                await self._upload_snapshot(name, state)
-            else:
-                await self._upload_range(name, state, [p for _, _, p in files])
+            await self._upload_range(name, state, [p for _, _, p in files])
         state.pending_since_ms = 0 if state.uploaded == db.pos else self._now_ms()
 
     async def _upload_deletion(
@@ -364,6 +481,19 @@ class Uploader:
     async def _upload_range(self, name: str, state: DatabaseBackup, files: list[Path]) -> None:
         tmp = self.store.tmp_dir / f"backup-{name}-{secrets.token_hex(4)}.ltx"
         header, trailer = await trio.to_thread.run_sync(self.merge, files, tmp, self.store.tmp_dir)
+        try:
+            key = self._key(name, "l0", header, trailer)
+            size = await self._put(key, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        pos = Position(header.max_txid, trailer.post_apply_checksum)
+        self._uploaded(
+            name, state, pos, level="l0", key=key, size=size, committed_ms=header.timestamp
+        )
+
+    async def _upload_held(self, name: str, state: DatabaseBackup, held: _Held) -> None:
+        tmp = self.store.tmp_dir / f"backup-{name}-{secrets.token_hex(4)}.ltx"
+        header, trailer = await trio.to_thread.run_sync(_encode_held, held, tmp)
         try:
             key = self._key(name, "l0", header, trailer)
             size = await self._put(key, tmp)

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from litefspy.errors import DatabaseError, ReadOnlyError, SQLiteFormatError
 from litefspy.logs import kv
@@ -28,7 +28,14 @@ from litefspy.ltx.format import FLAG_COMPRESS, Header, lock_pgno
 from litefspy.sqlite.header import HEADER_SIZE as DB_HEADER_SIZE
 from litefspy.sqlite.header import parse_database_header
 from litefspy.sqlite.journal import JOURNAL_HEADER_SIZE
-from litefspy.store.types import ChecksumChanges, CommitInfo, FileKind, Position
+from litefspy.store.types import (
+    CAPTURED_BYTES_MAX,
+    Captured,
+    ChecksumChanges,
+    CommitInfo,
+    FileKind,
+    Position,
+)
 from litefspy.store.waltrack import WALCommit
 
 if TYPE_CHECKING:
@@ -415,16 +422,22 @@ def write_ltx(
     final = db.ltx_path(txid, txid)
     tmp = final.with_name(final.name + ".tmp")
     wrote = 0
+    kept: list[tuple[int, bytes]] | None = []
     with open(tmp, "wb") as f:
-        enc = Encoder(f, header)
+        tee = _Tee(f)
+        enc = Encoder(cast(BinaryIO, tee), header)
         for pgno, data in pages:
             enc.write_page(pgno, data)
             wrote += 1
+            if kept is not None:
+                kept.append((pgno, data))
+                if wrote * page_size > CAPTURED_BYTES_MAX:
+                    kept = None
         if wrote == 0 and not full and commit == changes.original_count:
             f.close()
             tmp.unlink()
             return None
-        enc.finish(checksums.total)
+        trailer = enc.finish(checksums.total)
         f.flush()
         size = f.tell()
         if db.forward is not None:
@@ -456,8 +469,31 @@ def write_ltx(
     if log.isEnabledFor(logging.DEBUG):
         log.debug("commit %s", kv(db=db.name, txid=f"{txid:016x}", pages=wrote))
     if notify:
-        db.announce(CommitInfo(db.name, txid, final, size, now_ms))
+        captured = None
+        if kept is not None and tee.parts is not None:
+            ltx = b"".join(tee.parts)
+            captured = Captured(header, trailer.post_apply_checksum, tuple(kept), ltx)
+        db.announce(CommitInfo(db.name, txid, final, size, now_ms, captured))
     return final
+
+
+class _Tee:
+    """A file being written, and a copy of what was written while it stays small."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.parts: list[bytes] | None = []
+        self._size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = self._f.write(data)
+        if self.parts is not None:
+            self._size += len(data)
+            if self._size > CAPTURED_BYTES_MAX:
+                self.parts = None
+            else:
+                self.parts.append(bytes(data))
+        return n
 
 
 def verify_full(db: Database) -> None:

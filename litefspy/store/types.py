@@ -10,6 +10,7 @@ from pathlib import Path
 
 from litefspy.errors import DatabaseError, ForwardError, ReadOnlyError
 from litefspy.ltx.checksum import PageChecksums
+from litefspy.ltx.format import Header
 
 # Size of an LTX file this node did not write itself (unknown: huge).
 UNKNOWN_SIZE = 1 << 62
@@ -39,6 +40,25 @@ class Position:
         return f"{self.txid:016x}/{self.checksum:016x}"
 
 
+# A commit's pages and LTX bytes ride along with its notice up to this size
+# (larger ones, e.g. a whole database's first commit, are read from the file).
+CAPTURED_BYTES_MAX = 4 << 20
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A commit as it was captured, in the memory it was captured in.
+
+    Subscribers that can use it (the backup uploader) skip reading the file
+    back. `pages` are the pages the transaction changed, in LTX order.
+    """
+
+    header: Header
+    post_apply_checksum: int
+    pages: tuple[tuple[int, bytes], ...]
+    ltx: bytes  # the LTX file's bytes, exactly as written
+
+
 @dataclass(frozen=True)
 class CommitInfo:
     """What the store tells subscribers about a new LTX file."""
@@ -48,6 +68,8 @@ class CommitInfo:
     path: Path
     size: int
     timestamp_ms: int
+    # Set for a commit captured on this node and small enough (CAPTURED_BYTES_MAX).
+    captured: Captured | None = None
 
 
 CommitListener = Callable[[CommitInfo], None]
