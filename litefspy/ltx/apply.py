@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from litefspy.errors import LTXChecksumError, LTXError, SQLiteFormatError
 from litefspy.fsutil import StrPath, atomic_write, fsync_dir
@@ -109,12 +109,57 @@ def write_pages(
         run.append(data)
     if run:
         _write_run(db, fd, run, (run_start - 1) * page_size)
+    _finish_pages(db, page_size, commit, zero_lock_page=zero_lock_page)
+
+
+def _finish_pages(db: BinaryIO, page_size: int, commit: int, *, zero_lock_page: bool) -> None:
     lock = lock_pgno(page_size)
     if zero_lock_page and commit >= lock:
         db.seek((lock - 1) * page_size)
         db.write(bytes(page_size))
     db.truncate(commit * page_size)
     db.flush()
+
+
+def write_page_batches(
+    db: BinaryIO,
+    batches: Iterable[tuple[list[int], list[Any]]],
+    page_size: int,
+    commit: int,
+    *,
+    zero_lock_page: bool,
+) -> None:
+    """`write_pages` for pages in batches (`Decoder.page_batches`): the same writes.
+
+    Each batch is cut into runs of consecutive pages without a step per page
+    where the whole batch is one run (a snapshot's pages are).
+    """
+    fd = _fileno(db)
+    if fd is not None:
+        db.flush()
+    most = min(_WRITE_RUN // page_size, _RUN_PAGES)
+    for pgnos, pages in batches:
+        for i, j in consecutive_runs(pgnos, most):
+            _write_run(db, fd, pages[i:j], (pgnos[i] - 1) * page_size)
+    _finish_pages(db, page_size, commit, zero_lock_page=zero_lock_page)
+
+
+def consecutive_runs(pgnos: Sequence[int], most: int) -> Iterator[tuple[int, int]]:
+    """Index ranges [i, j) of `pgnos` (ascending) that are consecutive page numbers,
+    at most `most` long."""
+    n = len(pgnos)
+    if n and pgnos[-1] - pgnos[0] == n - 1:  # all consecutive (they ascend)
+        for i in range(0, n, most):
+            yield i, min(i + most, n)
+        return
+    i = 0
+    while i < n:
+        j = i + 1
+        start = pgnos[i]
+        while j < n and j - i < most and pgnos[j] == start + (j - i):
+            j += 1
+        yield i, j
+        i = j
 
 
 def _fileno(f: BinaryIO) -> int | None:

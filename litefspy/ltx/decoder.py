@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from collections.abc import Iterator
-from typing import BinaryIO
-
-import lz4.frame
+from typing import Any, BinaryIO, TypeAlias
 
 from litefspy.errors import LTXChecksumError, LTXError
 from litefspy.fsutil import StrPath
@@ -22,13 +21,20 @@ from litefspy.ltx.format import (
     Trailer,
     lock_pgno,
 )
+from litefspy.ltx.lz4body import LZ4Body
 
 # Compressed input is read in modest chunks, and decompressed output is capped
 # per call, so a highly compressible body (zero pages compress ~250:1) never
 # inflates into a huge buffer.
 _RAW_CHUNK = 1 << 20
+# A restore's download hands out chunks of 1 MiB or a little more: asking for
+# more than that takes each one whole, without slicing a copy out of it.
+_LZ4_RAW_CHUNK = 4 << 20
 _OUT_CHUNK = 4 << 20
 _u32 = struct.Struct(">I").unpack_from  # a page number from a record, in place
+
+# (page numbers, pages, their checksums): what one decompressed chunk held.
+PageBatch: TypeAlias = "tuple[list[int], list[Any], array[int]]"
 
 
 def _read_exactly(f: BinaryIO, n: int) -> bytes:
@@ -56,31 +62,15 @@ class _Body:
 
     def __init__(self, f: BinaryIO, compressed: bool) -> None:
         self._f = f
-        self._lz = lz4.frame.LZ4FrameDecompressor() if compressed else None
+        self._lz = LZ4Body(f, _LZ4_RAW_CHUNK, _OUT_CHUNK) if compressed else None
         self._data = b""
         self._pos = 0
 
     def _more(self) -> bytes:
         """Next chunk of uncompressed body; b"" at the end of the file or LZ4 frame."""
-        lz = self._lz
-        if lz is None:
+        if self._lz is None:
             return self._f.read(_RAW_CHUNK)
-        out: bytes
-        try:
-            while not lz.eof:
-                if lz.needs_input:
-                    raw = self._f.read(_RAW_CHUNK)
-                    if not raw:
-                        raise LTXError("truncated: the file ends inside the LZ4-compressed body")
-                    out = lz.decompress(raw, max_length=_OUT_CHUNK)
-                else:
-                    out = lz.decompress(b"", max_length=_OUT_CHUNK)
-                if out:
-                    return out
-        except RuntimeError as exc:
-            # python-lz4 reports every frame decoding failure as RuntimeError.
-            raise LTXError(f"corrupt LZ4-compressed body: {exc}") from exc
-        return b""
+        return self._lz.more()
 
     def read(self, n: int) -> bytes:
         """Exactly n bytes, or fewer if the body ends first."""
@@ -152,8 +142,8 @@ class Decoder:
 
     def pages(self) -> Iterator[tuple[int, bytes]]:
         """Yield (pgno, page bytes) in file order, then verify the trailer."""
-        for pgno, data, _ in self._records(checksums=False):
-            yield pgno, data
+        for pgnos, pages, _ in self._batches(checksums=False, views=False):
+            yield from zip(pgnos, pages, strict=True)
 
     def pages_with_checksums(self) -> Iterator[tuple[int, bytes, int]]:
         """`pages()` with each page's checksum (`page_checksum(pgno, data)`).
@@ -161,10 +151,20 @@ class Decoder:
         The checksum is computed from the page's record as stored (the page
         number then the page), so no second pass over the page is needed.
         """
-        return self._records(checksums=True)
+        for pgnos, pages, checksums in self._batches(checksums=True, views=False):
+            yield from zip(pgnos, pages, checksums, strict=True)
 
-    def _records(self, *, checksums: bool) -> Iterator[tuple[int, bytes, int]]:
-        """(pgno, page, its checksum or 0) for each page, checking the format's rules.
+    def page_batches(self) -> Iterator[PageBatch]:
+        """The pages with their checksums, a batch per decompressed chunk (then the trailer).
+
+        For bulk consumers (restore, snapshots): no per-page generator step,
+        and each page is a view into the chunk, not a copy. The views stay
+        valid as long as they are referenced.
+        """
+        return self._batches(checksums=True, views=True)
+
+    def _batches(self, *, checksums: bool, views: bool) -> Iterator[PageBatch]:
+        """(pgnos, pages, their checksums or 0) per chunk, checking the format's rules.
 
         The hot loop takes whole records (page number, then page) straight
         from the decompressed chunk in hand; only a record split across two
@@ -191,6 +191,10 @@ class Decoder:
             limit = len(data) - record_size
             if pos <= limit:
                 view = memoryview(data)
+                source = view if views else data
+                pgnos: list[int] = []
+                pages: list[bytes | memoryview] = []
+                sums = array("Q")
                 while pos <= limit:
                     pgno = _u32(data, pos)[0]
                     if pgno == 0 or pgno <= last or pgno > commit or pgno == lock:
@@ -201,11 +205,12 @@ class Decoder:
                     crc = _crc(record, crc)
                     last = pgno
                     pos += record_size
-                    if checksums:
-                        yield pgno, data[pos - page_size : pos], CHECKSUM_FLAG | _crc(record)
-                    else:
-                        yield pgno, data[pos - page_size : pos], 0
+                    pgnos.append(pgno)
+                    pages.append(source[pos - page_size : pos])
+                    sums.append(CHECKSUM_FLAG | _crc(record) if checksums else 0)
                 body._pos = pos
+                if pgnos:
+                    yield pgnos, pages, sums
             # Slow path: one record across chunks, the terminator, or an error.
             raw = body.read(record_size)
             if len(raw) < PAGE_HEADER_SIZE:
@@ -231,7 +236,8 @@ class Decoder:
                 raise LTXError(f"truncated: the file ends inside page {pgno}")
             crc = _crc(raw, crc)
             last = pgno
-            yield pgno, raw[PAGE_HEADER_SIZE:], (CHECKSUM_FLAG | _crc(raw)) if checksums else 0
+            checksum = (CHECKSUM_FLAG | _crc(raw)) if checksums else 0
+            yield [pgno], [raw[PAGE_HEADER_SIZE:]], array("Q", [checksum])
         if snapshot:
             expected_last = commit - 1 if commit == lock else commit
             if last != expected_last:
