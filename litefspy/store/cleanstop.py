@@ -125,3 +125,49 @@ def take(directory: Path) -> CleanSums | None:
     except (ValueError, KeyError, TypeError, LTXError) as exc:
         log.warning("ignoring a damaged clean-stop record %s: %s", path, exc)
         return None
+
+
+# ----------------------------------------------------- verified LTX files
+
+VERIFIED = "verified.json"
+# LTX files at least this large are recorded once verified (smaller ones cost
+# less to verify again than to record).
+VERIFIED_MIN_BYTES = 8 << 20
+
+
+def note_verified(directory: Path, ltx: Path) -> None:
+    """Record that `ltx` was verified in full and is durable (fsynced here).
+
+    After a crash, startup verifies the newest LTX file again unless it is
+    exactly this file, unchanged (the same name and stamp): a 1 GiB snapshot
+    (an import, an adopted database, a large transaction) then costs a stat,
+    not seconds of decoding, on every start after a crash. Only large files are
+    recorded. Not fsynced itself: lost, the next start verifies as before.
+    """
+    if FileStamp.of(ltx) is None or ltx.stat().st_size < VERIFIED_MIN_BYTES:
+        return
+    fd = os.open(ltx, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # durable before the record says so
+    finally:
+        os.close(fd)
+    stamp = FileStamp.of(ltx)
+    if stamp is None:
+        return
+    tmp = directory / (VERIFIED + ".tmp")
+    tmp.write_text(json.dumps({"version": _VERSION, "name": ltx.name, "stamp": asdict(stamp)}))
+    os.rename(tmp, directory / VERIFIED)
+
+
+def was_verified(directory: Path, ltx: Path) -> bool:
+    """Is `ltx` the file `note_verified` recorded, unchanged since?"""
+    try:
+        meta = json.loads((directory / VERIFIED).read_text())
+        if meta.get("version") != _VERSION or meta.get("name") != ltx.name:
+            return False
+        return FileStamp(**meta["stamp"]) == FileStamp.of(ltx)
+    except FileNotFoundError:
+        return False
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring a damaged verified-file record in %s: %s", directory, exc)
+        return False

@@ -24,7 +24,7 @@ from litefspy.logs import kv
 from litefspy.ltx.apply import apply_ltx, write_pages
 from litefspy.ltx.checksum import PageChecksums
 from litefspy.ltx.decoder import Decoder, verify_file
-from litefspy.ltx.format import Header, lock_pgno, parse_filename
+from litefspy.ltx.format import Header, Trailer, lock_pgno, parse_filename
 from litefspy.ltx.peek import post_apply_checksum, read_ends
 from litefspy.progress import STARTUP_CHECK
 from litefspy.sqlite.journal import (
@@ -50,13 +50,17 @@ def recover(db: Database) -> None:
     db.ensure_dirs()
     _promote_synced_tmp_files(db)
     saved = cleanstop.take(db.dir)
-    files, dropped = _drop_torn_tail(db, db.ltx_files(), saved)
+    files, dropped, ends = _drop_torn_tail(db, db.ltx_files(), saved)
     newest = files[-1][2] if files else None
     header = trailer = None
     if newest is not None:
         try:
-            if saved is not None and saved.ltx_unchanged(newest):
-                # Verified when written and fsynced before the clean stop.
+            if ends is not None:
+                header, trailer = ends  # verified just now
+            elif (saved is not None and saved.ltx_unchanged(newest)) or cleanstop.was_verified(
+                db.dir, newest
+            ):
+                # Verified when written (or at an earlier start) and fsynced since.
                 header, trailer = read_ends(newest)
             else:
                 header, trailer = verify_file(newest)
@@ -137,6 +141,9 @@ def recover(db: Database) -> None:
         db.read_db_header(db.db_reader())
     except SQLiteFormatError:
         pass
+    if not cleanstop.was_verified(db.dir, newest):
+        # Good as checked above: a later start after a crash need not decode it again.
+        cleanstop.note_verified(db.dir, newest)
 
 
 def _names_super_journal(journal: Path) -> bool:
@@ -335,8 +342,9 @@ def _promote_synced_tmp_files(db: Database) -> None:
 
 def _drop_torn_tail(
     db: Database, files: list[tuple[int, int, Path]], saved: cleanstop.CleanSums | None = None
-) -> tuple[list[tuple[int, int, Path]], list[tuple[int, int]]]:
-    """Remove newest LTX files that a crash cut short; return the rest and what went.
+) -> tuple[list[tuple[int, int, Path]], list[tuple[int, int]], tuple[Header, Trailer] | None]:
+    """Remove newest LTX files that a crash cut short; return the rest, what went,
+    and the newest file's header and trailer if it was verified here.
 
     A WAL commit's LTX file is fsynced only when the application syncs its
     WAL (see capture.write_ltx), so after a power loss the newest ones may be
@@ -349,9 +357,10 @@ def _drop_torn_tail(
         lo, hi, path = files[-1]
         if saved is not None and saved.ltx_unchanged(path):
             break  # complete at the clean stop, untouched since
+        if cleanstop.was_verified(db.dir, path):
+            break  # verified and fsynced before, untouched since
         try:
-            verify_file(path)
-            break
+            return files, dropped, verify_file(path)
         except LTXError as exc:
             if "truncated:" not in str(exc):
                 break
@@ -363,7 +372,7 @@ def _drop_torn_tail(
             path.unlink()
             dropped.insert(0, (lo, hi))
             files = files[:-1]
-    return files, dropped
+    return files, dropped, None
 
 
 def _recover_wal(db: Database, header: Header | None) -> bool:
