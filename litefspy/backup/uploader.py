@@ -479,21 +479,18 @@ class Uploader:
     # ---------------------------------------------------------- uploading
 
     async def _upload_range(self, name: str, state: DatabaseBackup, files: list[Path]) -> None:
-        tmp = self.store.tmp_dir / f"backup-{name}-{secrets.token_hex(4)}.ltx"
-        header, trailer = await trio.to_thread.run_sync(self.merge, files, tmp, self.store.tmp_dir)
-        try:
-            key = self._key(name, "l0", header, trailer)
-            size = await self._put(key, tmp)
-        finally:
-            tmp.unlink(missing_ok=True)
-        pos = Position(header.max_txid, trailer.post_apply_checksum)
-        self._uploaded(
-            name, state, pos, level="l0", key=key, size=size, committed_ms=header.timestamp
-        )
+        """The LTX files of a sync interval, merged (in the merge worker) into one l0 object."""
+        await self._upload_l0(name, state, lambda out: self.merge(files, out, self.store.tmp_dir))
 
     async def _upload_held(self, name: str, state: DatabaseBackup, held: _Held) -> None:
+        """A sync interval's commits as captured, encoded as one l0 object."""
+        await self._upload_l0(name, state, lambda out: _encode_held(held, out))
+
+    async def _upload_l0(
+        self, name: str, state: DatabaseBackup, write: Callable[[Path], tuple[Header, Trailer]]
+    ) -> None:
         tmp = self.store.tmp_dir / f"backup-{name}-{secrets.token_hex(4)}.ltx"
-        header, trailer = await trio.to_thread.run_sync(_encode_held, held, tmp)
+        header, trailer = await trio.to_thread.run_sync(write, tmp)
         try:
             key = self._key(name, "l0", header, trailer)
             size = await self._put(key, tmp)

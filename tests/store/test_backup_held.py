@@ -9,7 +9,6 @@ is not called once the first snapshot is up).
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -23,21 +22,7 @@ from litefspy.backup.worker import merge_to_file
 from litefspy.config import parse_target
 from litefspy.ltx.format import Header, Trailer
 from litefspy.store.store import Store
-from tests.support.store_vfs import StoreVFS
-
-BLOBS = (
-    "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < {n}) "
-    "INSERT INTO t (n, b) SELECT -x, randomblob({size}) FROM s"
-)
-
-
-def _dump(path: Path) -> list[str]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        return list(conn.iterdump())
-    finally:
-        conn.close()
+from tests.support.store_vfs import BLOBS, StoreVFS, dump
 
 
 @pytest.mark.parametrize("mode", ["delete", "wal"])
@@ -64,7 +49,7 @@ def test_uploads_from_captured_pages_restore_every_object(tmp_path: Path, mode: 
     def record() -> None:
         if mode == "wal":
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a file copy then holds it all
-        states[db.pos.txid] = _dump(db.db_path)
+        states[db.pos.txid] = dump(db.db_path)
 
     def batches() -> list[list[str]]:
         return [
@@ -99,5 +84,5 @@ def test_uploads_from_captured_pages_restore_every_object(tmp_path: Path, mode: 
     for txid in ends:
         out = tmp_path / f"restored-{txid}.db"
         restore_database(target, "app.db", out, txid=txid)
-        assert _dump(out) == states[txid], f"TXID {txid}"
+        assert dump(out) == states[txid], f"TXID {txid}"
     store.close()

@@ -22,15 +22,10 @@ import pytest
 from litefspy.ltx.apply import apply_files
 from litefspy.ltx.checksum import checksum_database_file
 from litefspy.store.store import Store
-from tests.support.store_vfs import StoreVFS
+from tests.support.store_vfs import BLOBS, StoreVFS, dump
 
 MODES = ["delete", "truncate", "persist", "wal"]
 ROOT = Path(__file__).resolve().parents[2]
-
-BLOBS = (
-    "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < {n}) "
-    "INSERT INTO t (n, b) SELECT -x, randomblob({size}) FROM s"
-)
 
 
 def _replay(store: Store, name: str, out: Path) -> None:
@@ -44,15 +39,6 @@ def _checksum(path: Path, page_size: int) -> int:
     """LTX's checksum of a whole database file (what a position's checksum names)."""
     with open(path, "rb") as f:
         return checksum_database_file(f, page_size)
-
-
-def _dump(path: Path) -> list[str]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        return list(conn.iterdump())
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -89,8 +75,8 @@ def test_history_replays_into_what_sqlite_wrote(tmp_path: Path, mode: str) -> No
     page_size = db.checksums.page_size
     assert _checksum(replayed, page_size) == db.pos.checksum == db.checksums.total
     assert _checksum(db.db_path, page_size) == db.pos.checksum
-    assert _dump(replayed) == _dump(db.db_path)
-    rows = _dump(replayed)
+    assert dump(replayed) == dump(db.db_path)
+    rows = dump(replayed)
     assert sum(line.startswith('INSERT INTO "t"') for line in rows) == 20 + 100
     store.close()
 
@@ -99,7 +85,7 @@ WRITER = r"""
 import sys, time
 from pathlib import Path
 from litefspy.store.store import Store
-from tests.support.store_vfs import StoreVFS
+from tests.support.store_vfs import BLOBS, StoreVFS, dump
 
 data, mode = Path(sys.argv[1]), sys.argv[2]
 store = Store(data)

@@ -17,6 +17,7 @@ connection per VFS at a time, as the mount serializes requests on one thread.
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import apsw
@@ -106,3 +107,20 @@ class StoreFile(apsw.VFSFile):
             os.close(self.fd)
             self.fd = -1
         super().xClose()
+
+
+# Inserts n rows of `size` random bytes (n and b columns of table t) in one statement.
+BLOBS = (
+    "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < {n}) "
+    "INSERT INTO t (n, b) SELECT -x, randomblob({size}) FROM s"
+)
+
+
+def dump(path: Path) -> list[str]:
+    """The SQL dump of a database file, after checking its integrity."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        return list(conn.iterdump())
+    finally:
+        conn.close()
