@@ -12,6 +12,7 @@ when complete: an interrupted restore leaves nothing at PATH.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import shutil
@@ -112,7 +113,16 @@ def restore_database(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.restore-", dir=out.parent))
     try:
         db_tmp = work / "database"
-        got_txid, checksum, total = _apply_pieces(target, db, plan, db_tmp, progress)
+        try:
+            got_txid, checksum, total = _apply_pieces(target, db, plan, db_tmp, progress)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            need = max(p.size for p in plan)  # compressed: the database is at least this
+            raise BackupError(
+                f"{db}: no space left on the device of {out.parent} for the restored "
+                f"database (at least {need / (1 << 20):.0f} MiB); nothing was written there"
+            ) from None
         if got_txid != goal:
             raise BackupError(f"{db}: restore reached TXID {got_txid:016x}, not {goal:016x}")
         install(db_tmp, out, sync_file=False)  # _apply_pieces fsynced it
