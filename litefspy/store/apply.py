@@ -220,15 +220,20 @@ def apply_locked(
     """
     wal = db.is_wal_mode()
     sync_first = not visible_first or header.is_snapshot or set_aside
+    # Whether a name of the database may appear or go (the kernel's cached
+    # entries must then be dropped too): a new database, a deletion, a
+    # snapshot (removes a journal), settling (removes a journal).
+    renames = header.is_snapshot or header.commit == 0 or not db.exists()
     _install_ltx(db, header, src, final, set_aside, sync=sync_first)
     held = lock()
     try:
         if recovery.needs_settling(db):
+            renames = True
             recovery.settle(db, verify=False)
         after = _write_applied(db, final, header, trailer, current, pages=pages, sync=sync_first)
         if sync_first:
             db.end_apply()
-        after_apply(store, db.name, wal, held)
+        after_apply(store, db.name, wal, held, entries=renames)
         return after
     finally:
         held.release()  # no-op once after_apply released it
@@ -394,14 +399,18 @@ def _write_applied(
     return after
 
 
-def after_apply(store: Store, name: str, wal: bool, held: Held | None = None) -> None:
+def after_apply(
+    store: Store, name: str, wal: bool, held: Held | None = None, *, entries: bool = True
+) -> None:
     """Worker thread, locks held: make readers see the new pages.
 
     With `held`, the locks are released too: in the same call to the lock
     keeper as the WAL-index reset (one round trip fewer per replica apply).
+    `entries=False`: no name of the database was created or removed, so the
+    kernel keeps its cached entries (pages and attributes are dropped).
     """
     if store.invalidator is not None:
-        store.invalidator.invalidate_database(name)
+        store.invalidator.invalidate_database(name, entries=entries)
     db = store.get(name)
     locks = store.locks
     if wal and locks is not None and db is not None:

@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 class CacheInvalidator(Protocol):
     """The FUSE layer's hook to drop the kernel's caches of one database."""
 
-    def invalidate_database(self, name: str) -> None:
-        """Invalidate cached pages, attributes and entries of every file of `name`."""
+    def invalidate_database(self, name: str, *, entries: bool = True) -> None:
+        """Invalidate cached pages, attributes and (with `entries`) entries of every
+        file of `name`. Without: no name of the database was created or removed."""
 
 
 class Store:
