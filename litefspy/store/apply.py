@@ -157,6 +157,7 @@ async def _apply_verified(
         # One worker thread for the whole apply: each trio <-> thread hop costs
         # more than the work for a small transaction (replication lag).
         lock = (lambda: locks.exclusive(name, wal)) if locks is not None else HeldLocks
+        ask = (lambda: locks.request_exclusive(name, wal)) if locks is not None else None
         after = apply_locked(
             store,
             db,
@@ -169,6 +170,7 @@ async def _apply_verified(
             lock=lock,
             set_aside=set_aside,
             visible_first=True,
+            ask_lock=ask,
         )
         try:
             _make_durable(db, final)
@@ -205,6 +207,7 @@ def apply_locked(
     lock: Callable[[], Held],
     set_aside: bool,
     visible_first: bool = False,
+    ask_lock: Callable[[], Callable[[], Held]] | None = None,
 ) -> PageChecksums:
     """Worker thread: install the LTX file, then with `lock()` held write its pages.
 
@@ -217,6 +220,9 @@ def apply_locked(
     `visible_first` (a replica's incremental file): the pages become visible
     before they are synced, and the caller must call `_make_durable` next
     (see the module docs). Otherwise everything is durable first.
+    `ask_lock` (instead of `lock`): asks for the locks before the file is
+    installed and returns the function that waits for them, so the lock
+    keeper takes them meanwhile; no page is written before both are done.
     """
     wal = db.is_wal_mode()
     sync_first = not visible_first or header.is_snapshot or set_aside
@@ -224,8 +230,14 @@ def apply_locked(
     # entries must then be dropped too): a new database, a deletion, a
     # snapshot (removes a journal), settling (removes a journal).
     renames = header.is_snapshot or header.commit == 0 or not db.exists()
-    _install_ltx(db, header, src, final, set_aside, sync=sync_first)
-    held = lock()
+    waiting = ask_lock() if ask_lock is not None else None
+    try:
+        _install_ltx(db, header, src, final, set_aside, sync=sync_first)
+    except BaseException:
+        if waiting is not None:
+            waiting().release()
+        raise
+    held = waiting() if waiting is not None else lock()
     try:
         if recovery.needs_settling(db):
             renames = True
