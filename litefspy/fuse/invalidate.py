@@ -30,8 +30,9 @@ class KernelCache:
         self.inodes = inodes
         self.importing = importing
 
-    def invalidate(self, name: str, kinds: list[NodeKind]) -> None:
-        """Drop what the kernel caches of these files of database `name`.
+    def invalidate(self, name: str, kinds: list[NodeKind], *, entries: bool = True) -> None:
+        """Drop what the kernel caches of these files of database `name` (their
+        names too, unless `entries` is False).
 
         From a worker thread only: the kernel may wait for in-flight requests
         that only the trio loop can answer.
@@ -44,6 +45,8 @@ class KernelCache:
             if node is not None:
                 node.shown_mtime_ns = None  # the file changed: show its true mtime
                 _quietly(lambda n=node: pyfuse3.invalidate_inode(n.ino))  # type: ignore[misc]
+            if not entries:
+                continue
             entry = os.fsencode(mount_name(name, kind))
             if importing:
                 pyfuse3.invalidate_entry_async(ROOT, entry, ignore_enoent=True)

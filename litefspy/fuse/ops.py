@@ -579,14 +579,18 @@ class Operations(pyfuse3.Operations):
 
     # --------------------------------------------------------- invalidation
 
-    def invalidate_database(self, name: str) -> None:
+    def invalidate_database(self, name: str, *, entries: bool = True) -> None:
         """Drop the kernel's cached pages, attributes and entries of one database.
+
+        `entries=False` when no file of the database was created or removed (a
+        replica's incremental apply): its names still lead where they did, and
+        keeping them spares every reader a lookup per name after each apply.
 
         Must be called from a worker thread, never from the trio loop: the kernel
         may wait for in-flight requests (e.g. a read of a page being invalidated)
         that only the loop can answer.
         """
-        self.kernel.invalidate(name, [*FileKind, Special.POS])
+        self.kernel.invalidate(name, [*FileKind, Special.POS], entries=entries)
 
     def is_own_request(self, ctx: pyfuse3.RequestContext) -> bool:
         """The request comes from litefspy's lock keeper process (store/keeper.py).

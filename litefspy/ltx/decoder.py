@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from array import array
@@ -290,10 +291,20 @@ def read_verified(path: StrPath) -> tuple[Header, Trailer, list[tuple[int, bytes
     return _check_file(path, keep=True)
 
 
-def _check_file(path: StrPath, *, keep: bool) -> tuple[Header, Trailer, list[tuple[int, bytes]]]:
+def read_verified_bytes(
+    data: bytes, name: str = "received LTX file"
+) -> tuple[Header, Trailer, list[tuple[int, bytes]]]:
+    """`read_verified` of a whole LTX file held in memory (a replica's received
+    file is verified and applied from the bytes, with no copy on disk first)."""
+    return _check_file(data, keep=True, name=name)
+
+
+def _check_file(
+    source: StrPath | bytes, *, keep: bool, name: str = ""
+) -> tuple[Header, Trailer, list[tuple[int, bytes]]]:
     pages: list[tuple[int, bytes]] = []
     try:
-        with open(path, "rb") as f:
+        with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as f:
             dec = Decoder(f)
             snapshot = dec.header.is_snapshot
             xor = 0
@@ -313,5 +324,5 @@ def _check_file(path: StrPath, *, keep: bool) -> tuple[Header, Trailer, list[tup
                 f"match its pages ({CHECKSUM_FLAG | xor:016x})"
             )
     except LTXError as exc:
-        raise _with_name(exc, path) from exc
+        raise _with_name(exc, name if isinstance(source, bytes) else source) from exc
     return dec.header, trailer, pages

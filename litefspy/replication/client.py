@@ -2,8 +2,10 @@
 
 One stream at a time. The replica sends its positions, receives Hello (checked:
 not itself, same cluster, epoch not older than one already seen), then LTX
-files in chunks, each written to `Store.incoming_path` and applied with
-`Store.apply_ltx` on its last chunk. Any error (transport, protocol, a file
+files in chunks, and applies each with `Store.apply_ltx` on its last chunk: a
+file that came in one chunk straight from the received bytes (verified in
+memory, written once into `ltx/` by the apply), a longer one from a temp file
+at `Store.incoming_path` that the chunks were written to. Any error (transport, protocol, a file
 that does not verify or does not continue the position) drops the stream; the
 replica reconnects after `lease.reconnect-delay`, doubling up to
 `MAX_BACKOFF` while the primary stays unreachable. A database whose apply
@@ -55,8 +57,6 @@ log = logging.getLogger(__name__)
 # No frame at all (heartbeats come every second) for this long: the primary is gone.
 HEARTBEAT_TIMEOUT = 10.0
 MAX_BACKOFF = 8.0
-# Single-chunk LTX files up to this size are written on the trio thread.
-INLINE_WRITE_BYTES = 256 * 1024
 
 OpenStream = Callable[[str, pb.StreamRequest], AbstractAsyncContextManager[FrameStream]]
 
@@ -97,10 +97,11 @@ class ClientStats:
 
 
 class _Incoming:
-    """An LTX file being received into a temp path.
+    """An LTX file being received: in memory if it came in one chunk (`data`),
+    else into a temp path.
 
-    Each chunk is one trip to a worker thread (open on the first, close on the
-    last), so a small file costs a single thread hop.
+    Each chunk written is one trip to a worker thread (open on the first,
+    close on the last).
     """
 
     def __init__(self, name: str, path: Path, size: int, *, snapshot: bool, diverged: bool) -> None:
@@ -112,6 +113,7 @@ class _Incoming:
         # The primary found this replica's history different from its own.
         self.diverged = diverged
         self.written = 0
+        self.data: bytes | None = None
         self.file: BinaryIO | None = None
         # Snapshots (whole databases) show their progress in status and the logs.
         self.progress: Progress | None = None
@@ -393,9 +395,10 @@ class ReplicationClient:
             self._incoming = incoming
         elif incoming is None or incoming.name != name:
             raise ReplicationError(f"protocol error: LTX chunk for {name} without its first chunk")
-        if chunk.first and chunk.last and len(chunk.data) <= INLINE_WRITE_BYTES:
-            # A whole small file: writing it here costs less than a thread hop.
-            incoming.write(chunk.data, chunk.last)
+        if chunk.first and chunk.last:
+            # The whole file: applied from these bytes, no copy on disk first.
+            incoming.data = chunk.data
+            incoming.written = len(chunk.data)
         else:
             await trio.to_thread.run_sync(incoming.write, chunk.data, chunk.last)
         self.stats.bytes_received += len(chunk.data)
@@ -422,7 +425,8 @@ class ReplicationClient:
         if incoming.progress is not None:
             incoming.progress.set_detail("applying")
         try:
-            pos = await self.store.apply_ltx(name, incoming.path, set_aside=incoming.diverged)
+            source = incoming.data if incoming.data is not None else incoming.path
+            pos = await self.store.apply_ltx(name, source, set_aside=incoming.diverged)
         except LitefspyError as exc:
             self.stats.apply_errors += 1
             self._needs_snapshot.add(name)
@@ -440,7 +444,8 @@ class ReplicationClient:
             # apply_ltx moved the file into ltx/ (or removed it) on success: the
             # unlink then only meets ENOENT, cheaper here than a thread hop. On
             # failure it removes what is left.
-            incoming.path.unlink(missing_ok=True)
+            if incoming.data is None:
+                incoming.path.unlink(missing_ok=True)
         self._needs_snapshot.discard(name)
         self.stats.files_applied += 1
         self.stats.applied_by_db[name] = self.stats.applied_by_db.get(name, 0) + 1

@@ -7,11 +7,13 @@ the replica verifies every file completely before applying it.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from litefspy.ltx.format import Header, Trailer
+from litefspy.errors import LTXError
+from litefspy.ltx.format import HEADER_SIZE, TRAILER_SIZE, Header, Trailer
 from litefspy.ltx.peek import ends_of
 
 # Size of one LTXChunk's data: big enough that per-frame overhead (a trip
@@ -23,7 +25,8 @@ CHUNK_SIZE = 512 * 1024
 @dataclass(frozen=True)
 class OpenLTX:
     """An LTX file opened for sending. The open descriptor keeps it readable even
-    if retention deletes the name meanwhile."""
+    if retention deletes the name meanwhile. (A commit sent from the memory it
+    was captured in has a `BytesIO` for `file`.)"""
 
     file: BinaryIO
     size: int
@@ -48,3 +51,16 @@ def open_ltx(path: os.PathLike[str] | str, chunk_size: int = CHUNK_SIZE) -> Open
         f.close()
         raise
     return OpenLTX(f, size, header, trailer, head)
+
+
+def open_bytes(data: bytes, chunk_size: int = CHUNK_SIZE) -> OpenLTX:
+    """An LTX file held in memory (a commit as captured), ready to send like `open_ltx`."""
+    if len(data) < HEADER_SIZE + TRAILER_SIZE:
+        raise LTXError(f"truncated LTX file in memory ({len(data)} bytes)")
+    header = Header.decode(data[:HEADER_SIZE])
+    trailer = Trailer.decode(data[-TRAILER_SIZE:])
+    trailer.validate(header.commit)
+    head = data[:chunk_size]
+    f = io.BytesIO(data)
+    f.seek(len(head))
+    return OpenLTX(f, len(data), header, trailer, head)

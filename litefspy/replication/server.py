@@ -15,7 +15,8 @@ again from its real positions.
 
 Commits never wait for replicas: the store's listener only sets each session's
 wake-up event, and every session catches up from the LTX files on disk at its
-own pace.
+own pace. A session exactly one TXID behind gets the commit just made from the
+memory it was captured in (`CommitInfo.captured`), not from its file.
 
 Ending: `shutdown(reason, drain=True)` (demotion, graceful stop) first sends
 each replica everything up to the final positions (writes have stopped), then
@@ -36,12 +37,12 @@ import trio
 from litefspy.errors import DatabaseError, LTXError, NotFoundError
 from litefspy.logs import kv
 from litefspy.progress import SNAPSHOT_SEND, Progress
-from litefspy.replication.ltxfile import CHUNK_SIZE, OpenLTX, open_ltx
+from litefspy.replication.ltxfile import CHUNK_SIZE, OpenLTX, open_bytes, open_ltx
 from litefspy.rpc.errors import Code, RPCRefused
 from litefspy.rpc.methods import Frame
 from litefspy.store.database import Database
 from litefspy.store.store import Store
-from litefspy.store.types import CommitInfo, Position
+from litefspy.store.types import Captured, CommitInfo, Position
 from litefspy.v1 import replication_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ HEARTBEAT_INTERVAL = 1.0
 # as its first file, not as a snapshot.)
 MAX_FILES_FROM_START = 16
 RETRY_INTERVAL = 1.0
-# LTX files up to this size are opened on the trio thread when just written.
+# LTX files up to this size are opened on the trio thread when just written,
+# and a commit captured here up to this size is kept in memory to send.
 INLINE_OPEN_BYTES = 256 * 1024
 
 
@@ -140,6 +142,9 @@ class ReplicationServer:
         # With `_ending`: send everything up to the final positions before End.
         self._drain = False
         self._no_sessions = trio.Event()
+        # Per database, the newest commit captured on this node (small ones,
+        # while replicas are connected): sent from memory to a session one TXID behind.
+        self._captured: dict[str, Captured] = {}
         self._unsubscribe = store.feed.subscribe(self._on_commit)
 
     def close(self) -> None:
@@ -148,6 +153,11 @@ class ReplicationServer:
 
     def _on_commit(self, info: CommitInfo) -> None:
         # Runs inside the FUSE handler that committed: only wake the sessions.
+        captured = info.captured
+        if captured is not None and self.sessions and len(captured.ltx) <= INLINE_OPEN_BYTES:
+            self._captured[info.name] = captured
+        else:
+            self._captured.pop(info.name, None)
         for session in self.sessions:
             session.changed.add(info.name)
             session.wake.set()
@@ -248,6 +258,7 @@ class ReplicationServer:
         finally:
             self.sessions.remove(session)
             if not self.sessions:
+                self._captured.clear()
                 self._no_sessions.set()
                 self._no_sessions = trio.Event()
             log.info(
@@ -370,6 +381,15 @@ class ReplicationServer:
             have = Position(0, 0)
         if have.txid >= target.txid:
             return None, True  # ahead, or the same TXID with another checksum
+        captured = self._captured.get(db.name)
+        if (
+            captured is not None
+            and captured.header.min_txid == have.txid + 1
+            and Position(captured.header.max_txid, captured.post_apply_checksum) == target
+            and captured.header.pre_apply_checksum == have.checksum
+        ):
+            # The commit just made, from the memory it was captured in.
+            return open_bytes(captured.ltx, self.chunk_size), False
         if target.txid == have.txid + 1 and db.last_commit_size <= INLINE_OPEN_BYTES:
             # The commit just made, still in the page cache: opening it here costs
             # less than the trip to a worker thread and back (replication lag).

@@ -4,6 +4,29 @@ Write-ahead: the LTX file is renamed into `ltx/` (with the apply marker) before
 any page changes, so recovery re-applies it after a crash. Pages are written
 with every SQLite connection locked out through the mount, then readers are
 made to see them (kernel cache, WAL index).
+
+Durability on a replica comes right after visibility, in the same worker
+thread and before the next file of the database is applied (`_make_durable`):
+the LTX file's data, its name and the apply marker, then the database file;
+only then is the marker removed. A replica's readers do not need the fsyncs
+(the primary holds every commit durably), its crash safety does:
+
+* a killed process leaves everything in the page cache: the installed file
+  and the marker are there before the first page is written, so recovery
+  re-applies the file, as before;
+* a machine crash before the syncs complete can leave the database with
+  some of the newest file's pages. With the marker, recovery rolls forward
+  or re-applies the newest file that survived and checks the database
+  checksum; whatever it cannot prove correct stays offline and is
+  re-snapshotted from the primary. Without the marker (it never reached the
+  disk) recovery starts from the database's own checksum, and the position
+  it reports is checked by the primary against its history. Earlier files
+  were fully durable before this file's pages were written, so only the
+  newest file's pages can be missing or torn.
+
+Snapshots and set-aside applies (which remove or move LTX files) and applies
+on a primary (forwarded commits, whose writer is told only afterwards) stay
+durable before they become visible.
 """
 
 from __future__ import annotations
@@ -19,12 +42,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from litefspy.errors import LTXError, ReplicationError
+from litefspy.errors import DatabaseError, LTXError, ReplicationError
 from litefspy.fsutil import fsync_dir
 from litefspy.logs import kv
 from litefspy.ltx.apply import write_pages
 from litefspy.ltx.checksum import PageChecksums, page_checksum
-from litefspy.ltx.decoder import Decoder, read_verified, verify_file
+from litefspy.ltx.decoder import Decoder, read_verified, read_verified_bytes, verify_file
 from litefspy.ltx.format import Header, Trailer
 from litefspy.ltx.peek import post_apply_checksum
 from litefspy.store import recovery
@@ -42,32 +65,41 @@ log = logging.getLogger(__name__)
 INLINE_VERIFY_BYTES = 256 * 1024
 
 
-async def apply_ltx(store: Store, name: str, path: Path, *, set_aside: bool = False) -> Position:
+async def apply_ltx(
+    store: Store, name: str, source: Path | bytes, *, set_aside: bool = False
+) -> Position:
     """Replica side: apply one complete received LTX file (see module docs).
 
-    `set_aside` (with a snapshot): the primary says this node's history diverged
-    from its own (e.g. a deposed primary's unreplicated transactions); the
-    node's LTX files and a copy of its database are kept under
-    `<data>/dbs/NAME/aside-<ms>/` instead of being dropped.
+    `source`: the file, or its bytes as received (verified and applied from
+    memory, then written once into `ltx/`). `set_aside` (with a snapshot):
+    the primary says this node's history diverged from its own (e.g. a
+    deposed primary's unreplicated transactions); the node's LTX files and a
+    copy of its database are kept under `<data>/dbs/NAME/aside-<ms>/` instead
+    of being dropped.
     """
     pages: list[tuple[int, bytes]] | None = None
-    if os.stat(path).st_size <= INLINE_VERIFY_BYTES:
+    if isinstance(source, bytes):
+        if len(source) <= INLINE_VERIFY_BYTES:
+            header, trailer, pages = read_verified_bytes(source)
+        else:
+            header, trailer, pages = await trio.to_thread.run_sync(read_verified_bytes, source)
+    elif os.stat(source).st_size <= INLINE_VERIFY_BYTES:
         # A small file verifies faster than a trip to a worker thread and back,
         # and its decoded pages are kept: the apply writes them without a
         # second decode.
-        header, trailer, pages = read_verified(path)
+        header, trailer, pages = read_verified(source)
     else:
-        header, trailer = await trio.to_thread.run_sync(verify_file, path)
+        header, trailer = await trio.to_thread.run_sync(verify_file, source)
     async with store.capture_lock(name):
         return await _apply_verified(
-            store, name, path, header, trailer, pages=pages, set_aside=set_aside
+            store, name, source, header, trailer, pages=pages, set_aside=set_aside
         )
 
 
 async def _apply_verified(
     store: Store,
     name: str,
-    path: Path,
+    source: Path | bytes,
     header: Header,
     trailer: Trailer,
     *,
@@ -88,7 +120,8 @@ async def _apply_verified(
     if _already_applied(db, header, trailer):
         # The primary sent back a transaction this replica forwarded to it
         # (write forwarding): it is already here, byte for byte.
-        await trio.to_thread.run_sync(partial(path.unlink, missing_ok=True))
+        if isinstance(source, Path):
+            await trio.to_thread.run_sync(partial(source.unlink, missing_ok=True))
         return db.pos
     deletion = header.commit == 0
     continues = follows(db, header)
@@ -120,26 +153,41 @@ async def _apply_verified(
 
     locks = store.locks
 
-    def apply_in_thread() -> PageChecksums:
+    def apply_in_thread() -> tuple[PageChecksums, OSError | None]:
         # One worker thread for the whole apply: each trio <-> thread hop costs
         # more than the work for a small transaction (replication lag).
         lock = (lambda: locks.exclusive(name, wal)) if locks is not None else HeldLocks
-        return apply_locked(
+        ask = (lambda: locks.request_exclusive(name, wal)) if locks is not None else None
+        after = apply_locked(
             store,
             db,
             header,
             trailer,
-            src=path,
+            src=source,
             final=final,
             current=current,
             pages=pages,
             lock=lock,
             set_aside=set_aside,
+            visible_first=True,
+            ask_lock=ask,
         )
+        try:
+            _make_durable(db, final)
+        except OSError as exc:
+            return after, exc
+        return after, None
 
-    after = await trio.to_thread.run_sync(apply_in_thread)
+    after, unsynced = await trio.to_thread.run_sync(apply_in_thread)
     pos = Position(header.max_txid, trailer.post_apply_checksum)
+    # Readers already see it: the position follows the database file.
     db.applied(pos, after if header.commit else None)
+    if unsynced is not None:
+        # The apply marker stays: a restart's recovery re-checks the database.
+        raise DatabaseError(
+            f"applied {final.name} to {name} but could not make it durable ({unsynced}); "
+            "the next stream asks for a snapshot"
+        )
     store.feed.publish(
         CommitInfo(name, header.max_txid, final, final.stat().st_size, header.timestamp)
     )
@@ -152,12 +200,14 @@ def apply_locked(
     header: Header,
     trailer: Trailer,
     *,
-    src: Path,
+    src: Path | bytes,
     final: Path,
     current: PageChecksums | None,
     pages: list[tuple[int, bytes]] | None,
     lock: Callable[[], Held],
     set_aside: bool,
+    visible_first: bool = False,
+    ask_lock: Callable[[], Callable[[], Held]] | None = None,
 ) -> PageChecksums:
     """Worker thread: install the LTX file, then with `lock()` held write its pages.
 
@@ -166,19 +216,62 @@ def apply_locked(
     (a forwarded commit the primary did not confirm), a primary's own WAL
     under a forwarded commit. Only the committed state may stay under the
     new pages.
+
+    `visible_first` (a replica's incremental file): the pages become visible
+    before they are synced, and the caller must call `_make_durable` next
+    (see the module docs). Otherwise everything is durable first.
+    `ask_lock` (instead of `lock`): asks for the locks before the file is
+    installed and returns the function that waits for them, so the lock
+    keeper takes them meanwhile; no page is written before both are done.
     """
     wal = db.is_wal_mode()
-    _install_ltx(db, header, src, final, set_aside)
-    held = lock()
+    sync_first = not visible_first or header.is_snapshot or set_aside
+    # Whether a name of the database may appear or go (the kernel's cached
+    # entries must then be dropped too): a new database, a deletion, a
+    # snapshot (removes a journal), settling (removes a journal).
+    renames = header.is_snapshot or header.commit == 0 or not db.exists()
+    waiting = ask_lock() if ask_lock is not None else None
+    try:
+        _install_ltx(db, header, src, final, set_aside, sync=sync_first)
+    except BaseException:
+        if waiting is not None:
+            waiting().release()
+        raise
+    held = waiting() if waiting is not None else lock()
     try:
         if recovery.needs_settling(db):
+            renames = True
             recovery.settle(db, verify=False)
-        after = _write_applied(db, final, header, trailer, current, pages=pages)
-        db.end_apply()
-        after_apply(store, db.name, wal, held)
+        after = _write_applied(db, final, header, trailer, current, pages=pages, sync=sync_first)
+        if sync_first:
+            db.end_apply()
+        after_apply(store, db.name, wal, held, entries=renames)
         return after
     finally:
         held.release()  # no-op once after_apply released it
+
+
+def _make_durable(db: Database, final: Path) -> None:
+    """Worker thread, after a `visible_first` apply: the LTX file's data, its name
+    (and the apply marker), the database file; then the marker goes.
+
+    Harmless after an apply that was durable already (the marker is gone).
+    """
+    if not db.apply_marker.exists():
+        return
+    fd = os.open(final, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(db.ltx_dir)
+    if db.db_path.exists():
+        fd = os.open(db.db_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    db.end_apply()
 
 
 def _already_applied(db: Database, header: Header, trailer: Trailer) -> bool:
@@ -194,8 +287,14 @@ def _already_applied(db: Database, header: Header, trailer: Trailer) -> bool:
         return False
 
 
-def _install_ltx(db: Database, header: Header, src: Path, final: Path, set_aside: bool) -> None:
-    """Write-ahead: the file is in ltx/ before the database changes (recovery re-applies)."""
+def _install_ltx(
+    db: Database, header: Header, src: Path | bytes, final: Path, set_aside: bool, *, sync: bool
+) -> None:
+    """Write-ahead: the file is in ltx/ before the database changes (recovery re-applies).
+
+    With `sync`, durably so; otherwise it is in the page cache (which a killed
+    process does not lose) and `_make_durable` syncs it after the apply.
+    """
     db.ensure_dirs()
     if header.is_snapshot or set_aside:
         ahead = db.pos.txid > header.max_txid
@@ -216,8 +315,20 @@ def _install_ltx(db: Database, header: Header, src: Path, final: Path, set_aside
             for p in old:
                 p.unlink(missing_ok=True)
     db.begin_apply()
-    os.rename(src, final)
-    fsync_dir(db.ltx_dir)
+    if isinstance(src, bytes):
+        # Written once, here: a crash mid-write leaves a .tmp file that startup
+        # recovery keeps only if it verifies.
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(src)
+            if sync:
+                f.flush()
+                os.fdatasync(f.fileno())
+        os.rename(tmp, final)
+    else:
+        os.rename(src, final)
+    if sync:
+        fsync_dir(db.ltx_dir)
 
 
 def _write_applied(
@@ -228,6 +339,7 @@ def _write_applied(
     current: PageChecksums | None,
     *,
     pages: list[tuple[int, bytes]] | None,
+    sync: bool = True,
 ) -> PageChecksums:
     """Write the pages that differ (worker thread, exclusive locks held).
 
@@ -284,7 +396,8 @@ def _write_applied(
                         out, changed(), page_size, header.commit, zero_lock_page=header.is_snapshot
                     )
                 track.truncate(header.commit)
-            os.fsync(out.fileno())
+            if sync:
+                os.fsync(out.fileno())
         if header.commit == 0:
             for kind in FileKind:
                 if kind is not FileKind.SHM:
@@ -298,14 +411,18 @@ def _write_applied(
     return after
 
 
-def after_apply(store: Store, name: str, wal: bool, held: Held | None = None) -> None:
+def after_apply(
+    store: Store, name: str, wal: bool, held: Held | None = None, *, entries: bool = True
+) -> None:
     """Worker thread, locks held: make readers see the new pages.
 
     With `held`, the locks are released too: in the same call to the lock
     keeper as the WAL-index reset (one round trip fewer per replica apply).
+    `entries=False`: no name of the database was created or removed, so the
+    kernel keeps its cached entries (pages and attributes are dropped).
     """
     if store.invalidator is not None:
-        store.invalidator.invalidate_database(name)
+        store.invalidator.invalidate_database(name, entries=entries)
     db = store.get(name)
     locks = store.locks
     if wal and locks is not None and db is not None:

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -247,17 +248,33 @@ class LockKeeper:
         return chan
 
     def _call(self, method: str, *args: Any) -> Any:
+        return self._send(method, *args)()
+
+    def _send(self, method: str, *args: Any) -> Callable[[], Any]:
+        """Send one call; the returned function waits for its answer. Nothing else
+        may be called from this thread in between (one channel per thread)."""
         chan, generation = self._channel()
-        try:
-            chan.send((method, args))
-            ok, value = chan.recv()
-        except (EOFError, OSError):
+
+        def gone() -> KeeperGone:
             self._local.chan = None
             chan.close()
-            raise KeeperGone(f"the lock keeper exited during {method}") from None
-        if not ok:
-            raise value
-        return value, generation
+            return KeeperGone(f"the lock keeper exited during {method}")
+
+        try:
+            chan.send((method, args))
+        except (EOFError, OSError):
+            raise gone() from None
+
+        def answer() -> Any:
+            try:
+                ok, value = chan.recv()
+            except (EOFError, OSError):
+                raise gone() from None
+            if not ok:
+                raise value
+            return value, generation
+
+        return answer
 
     def _held(self, method: str, *args: Any) -> RemoteHeld:
         hid, generation = self._call(method, *args)
@@ -270,6 +287,21 @@ class LockKeeper:
 
     def exclusive(self, name: str, wal: bool, writers: bool = False) -> RemoteHeld:
         return self._held("exclusive", name, wal, writers)
+
+    def request_exclusive(self, name: str, wal: bool) -> Callable[[], RemoteHeld]:
+        """`exclusive`, asked for now; the returned function waits until it is held.
+
+        A replica apply installs its LTX file while the keeper takes the locks
+        (one round trip to the keeper off the replication lag). Every caller
+        must call the function (and release what it returns), also on failure.
+        """
+        answer = self._send("exclusive", name, wal, False)
+
+        def held() -> RemoteHeld:
+            hid, generation = answer()
+            return RemoteHeld(self, hid, generation)
+
+        return held
 
     def writers(self, name: str, wal: bool, timeout: float, extend: Held | None = None) -> Held:
         if extend is not None:

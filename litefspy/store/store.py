@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 class CacheInvalidator(Protocol):
     """The FUSE layer's hook to drop the kernel's caches of one database."""
 
-    def invalidate_database(self, name: str) -> None:
-        """Invalidate cached pages, attributes and entries of every file of `name`."""
+    def invalidate_database(self, name: str, *, entries: bool = True) -> None:
+        """Invalidate cached pages, attributes and (with `entries`) entries of every
+        file of `name`. Without: no name of the database was created or removed."""
 
 
 class Store:
@@ -355,9 +356,11 @@ class Store:
             return await trio.to_thread.run_sync(locks.exclusive, name, wal, writers)
         return await trio.to_thread.run_sync(locks.read, name, wal)
 
-    async def apply_ltx(self, name: str, path: Path, *, set_aside: bool = False) -> Position:
-        """Replica side: apply one complete received LTX file (see module docs)."""
-        return await apply.apply_ltx(self, name, path, set_aside=set_aside)
+    async def apply_ltx(
+        self, name: str, source: Path | bytes, *, set_aside: bool = False
+    ) -> Position:
+        """Replica side: apply one complete received LTX file, or its bytes (see apply.py)."""
+        return await apply.apply_ltx(self, name, source, set_aside=set_aside)
 
     def after_apply(self, name: str, wal: bool, held: Held | None = None) -> None:
         """Worker thread, locks held: make readers see the new pages."""
