@@ -159,11 +159,13 @@ class Database:
             self._wal_fd = None
 
     def close(self) -> None:
-        """Close the descriptors the capture logic keeps open."""
-        for fd in (self._db_fd, self._wal_fd):
+        """Close the descriptors the capture logic keeps open (forgotten first:
+        a descriptor number is never handed out after it was closed)."""
+        fds = (self._db_fd, self._wal_fd)
+        self._db_fd = self._wal_fd = None
+        for fd in fds:
             if fd is not None:
                 os.close(fd)
-        self._db_fd = self._wal_fd = None
 
     # ------------------------------------------------------- writes (FUSE)
 

@@ -444,6 +444,10 @@ class Store:
             return
         try:
             done = await trio.to_thread.run_sync(partial(recovery.settle, db, verify=verify))
+            # Here, on the trio thread that uses them (never from the worker: a
+            # descriptor closed there could be one a FUSE handler is using, or
+            # its number already reused); the next capture reopens them.
+            db.close()
             await trio.to_thread.run_sync(self.after_apply, db.name, wal)
         except (OSError, DatabaseError) as exc:
             log.error("database needs a snapshot %s: %s", kv(db=db.name, after=why), exc)

@@ -23,6 +23,7 @@ from tests.support.cluster import (
     values,
     wait_same_pos,
 )
+from tests.support.disk import small_tmpfs
 from tests.support.nodes import NodeProcess, wait_for
 
 # The command the tests run under the halt lock: writes rows on the replica's
@@ -495,48 +496,39 @@ def test_full_disk_on_the_primary_mid_forwarded_apply(node_factory, tmp_path: Pa
     commit fails, the database goes offline on the primary (nothing may use a half
     written file), and a restart with space again re-applies it; all nodes converge."""
     primary: NodeProcess = node_factory("primary")
-    primary.data.mkdir(parents=True)
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(primary.data)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
-        primary.start()
-        replica = replica_of(node_factory, primary).start()
-        conn = connect(primary.db("app.db"), "delete")
-        conn.execute("CREATE TABLE t (x INTEGER)")
-        conn.execute("CREATE TABLE big (b BLOB)")
-        conn.execute("INSERT INTO t VALUES (0)")
-        conn.close()
-        wait_same_pos(primary, [replica], "app.db")
-        # Leave 3 MiB: room for the 2 MB LTX file, not for the database to grow by it too.
-        st = os.statvfs(primary.data)
-        filler = primary.data / "filler"
-        filler.write_bytes(bytes(st.f_bavail * st.f_frsize - (3 << 20)))
-        res = run_halted(
-            replica,
-            "sqlite3",
-            str(replica.db("app.db")),
-            "INSERT INTO big VALUES (randomblob(2000000));",
-        )
-        assert res.returncode != 0, res
-        assert "is offline" in primary.log_path.read_text()
-        assert not try_insert(primary.db("app.db"), 5)
-        # Space again, and a restart: recovery re-applies the forwarded transaction.
-        filler.unlink()
-        primary.stop()
-        primary.start()
-        wait_same_pos(primary, [replica], "app.db")
-        assert dump(primary, "app.db") == dump(replica, "app.db")
-        for node in (primary, replica):
-            assert integrity(node, "app.db") == "ok"
-        assert try_insert(primary.db("app.db"), 5, busy_ms=5000)
-        wait_same_pos(primary, [replica], "app.db")
-        assert values(replica, "app.db") == [0, 5]
-    finally:
-        primary.stop()
-        subprocess.run(["umount", "-l", str(primary.data)], capture_output=True, check=False)
+    with small_tmpfs(primary.data, "24m"):
+        try:
+            primary.start()
+            replica = replica_of(node_factory, primary).start()
+            conn = connect(primary.db("app.db"), "delete")
+            conn.execute("CREATE TABLE t (x INTEGER)")
+            conn.execute("CREATE TABLE big (b BLOB)")
+            conn.execute("INSERT INTO t VALUES (0)")
+            conn.close()
+            wait_same_pos(primary, [replica], "app.db")
+            # Leave 3 MiB: room for the 2 MB LTX file, not for the database to grow by it too.
+            st = os.statvfs(primary.data)
+            filler = primary.data / "filler"
+            filler.write_bytes(bytes(st.f_bavail * st.f_frsize - (3 << 20)))
+            res = run_halted(
+                replica,
+                "sqlite3",
+                str(replica.db("app.db")),
+                "INSERT INTO big VALUES (randomblob(2000000));",
+            )
+            assert res.returncode != 0, res
+            assert "is offline" in primary.log_path.read_text()
+            assert not try_insert(primary.db("app.db"), 5)
+            # Space again, and a restart: recovery re-applies the forwarded transaction.
+            filler.unlink()
+            primary.stop()
+            primary.start()
+            wait_same_pos(primary, [replica], "app.db")
+            assert dump(primary, "app.db") == dump(replica, "app.db")
+            for node in (primary, replica):
+                assert integrity(node, "app.db") == "ok"
+            assert try_insert(primary.db("app.db"), 5, busy_ms=5000)
+            wait_same_pos(primary, [replica], "app.db")
+            assert values(replica, "app.db") == [0, 5]
+        finally:
+            primary.stop()

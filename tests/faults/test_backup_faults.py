@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import trio
 
 from litefspy.backup.target import Target
 from litefspy.backup.uploader import Uploader
 from litefspy.config import parse_target
 from litefspy.store.store import Store
+from tests.support.disk import small_tmpfs
 
 
 def _backed_up_database(tmp_path: Path, url: str) -> None:
@@ -60,17 +60,7 @@ def _restore(url: str, out: Path) -> subprocess.CompletedProcess[str]:
 def test_restore_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     url = f"file://{tmp_path}/backup"
     _backed_up_database(tmp_path, url)
-    small = tmp_path / "small"
-    small.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "2m") as small:
         res = _restore(url, small / "restored.db")
         assert res.returncode == 1, res
         assert res.stderr.count("\n") == 1, res.stderr
@@ -83,5 +73,3 @@ def test_restore_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path)
         conn = sqlite3.connect(tmp_path / "restored.db")
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (1500,)
         conn.close()
-    finally:
-        subprocess.run(["umount", str(small)], check=False)

@@ -7,7 +7,6 @@ the data directory on a tiny tmpfs.
 from __future__ import annotations
 
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import trio
 from litefspy.fuse.mount import serve
 from litefspy.fuse.ops import Operations
 from litefspy.store.store import Store
+from tests.support.disk import small_tmpfs
 
 MODES = ["delete", "truncate", "persist", "wal"]
 
@@ -24,20 +24,8 @@ MODES = ["delete", "truncate", "persist", "wal"]
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 6 MiB tmpfs for the node's data directory (root only)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "6m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def _fill(db: Path, mode: str) -> tuple[int, str]:

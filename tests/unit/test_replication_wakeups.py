@@ -15,11 +15,8 @@ from litefspy.store.types import ChecksumChanges, CommitInfo, Position
 PAGE = 4096
 
 
-def test_a_commit_wakes_a_session_for_its_own_database_only(tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
-    store.open()
-    for name in ("a.db", "b.db", "c.db"):
-        store.create(name)
+def _server_with_a_session(store: Store) -> tuple[ReplicationServer, ReplicaSession]:
+    """A primary's replication server with one connected replica's session."""
     server = ReplicationServer(
         store, PrimaryIdentity(1, "primary", "http://127.0.0.1:1"), cluster_id="c", epoch=1
     )
@@ -27,6 +24,15 @@ def test_a_commit_wakes_a_session_for_its_own_database_only(tmp_path: Path) -> N
         node_id=2, hostname="replica", advertise_url="", peer="peer", connected_at_ms=0
     )
     server.sessions.append(session)
+    return server, session
+
+
+def test_a_commit_wakes_a_session_for_its_own_database_only(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    store.open()
+    for name in ("a.db", "b.db", "c.db"):
+        store.create(name)
+    server, session = _server_with_a_session(store)
     try:
         # The first pass looks at every database.
         assert [db.name for db in server._to_look_at(session, False)] == ["a.db", "b.db", "c.db"]
@@ -67,13 +73,7 @@ async def test_a_session_one_txid_behind_gets_the_commit_from_memory(tmp_path: P
     store = Store(tmp_path / "data")
     store.open()
     db = store.create("a.db")
-    server = ReplicationServer(
-        store, PrimaryIdentity(1, "primary", "http://127.0.0.1:1"), cluster_id="c", epoch=1
-    )
-    session = ReplicaSession(
-        node_id=2, hostname="replica", advertise_url="", peer="peer", connected_at_ms=0
-    )
-    server.sessions.append(session)
+    server, session = _server_with_a_session(store)
     try:
         first = _commit(db, 1, 1)
         server._on_commit(first)
