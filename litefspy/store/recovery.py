@@ -52,14 +52,14 @@ def recover(db: Database) -> None:
     saved = cleanstop.take(db.dir)
     files, dropped, ends = _drop_torn_tail(db, db.ltx_files(), saved)
     newest = files[-1][2] if files else None
+    # Read once: the newest file's verified-file record (cleanstop.note_verified).
+    recorded = newest is not None and cleanstop.was_verified(db.dir, newest)
     header = trailer = None
     if newest is not None:
         try:
             if ends is not None:
                 header, trailer = ends  # verified just now
-            elif (saved is not None and saved.ltx_unchanged(newest)) or cleanstop.was_verified(
-                db.dir, newest
-            ):
+            elif (saved is not None and saved.ltx_unchanged(newest)) or recorded:
                 # Verified when written (or at an earlier start) and fsynced since.
                 header, trailer = read_ends(newest)
             else:
@@ -141,7 +141,7 @@ def recover(db: Database) -> None:
         db.read_db_header(db.db_reader())
     except SQLiteFormatError:
         pass
-    if not cleanstop.was_verified(db.dir, newest):
+    if not recorded:
         # Good as checked above: a later start after a crash need not decode it again.
         cleanstop.note_verified(db.dir, newest)
 
